@@ -1,0 +1,14 @@
+"""Monkeypatches of vLLM 0.26, one module each; installed as ``vllm_lowrank.patches``.
+
+Each module names the vLLM function it replaces and why, refuses a vLLM version it was not written
+for, and is idempotent. :func:`apply_all` is called by the plugin's ``register()`` in every process.
+"""
+
+from . import backend_alias, cpu_platform, engine_config, kv_cache_spec
+
+ALL = (backend_alias, kv_cache_spec, cpu_platform, engine_config)
+
+
+def apply_all() -> None:
+    for module in ALL:
+        module.apply()

@@ -1,0 +1,197 @@
+"""The ``lowrank`` attention backend: vLLM's paged KV cache kept compressed, per layer.
+
+Registered as ``AttentionBackendEnum.CUSTOM`` (``get_name()`` must return an existing member name).
+The KV cache of a layer is a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]; the
+spec that vLLM sees (``patches/kv_cache_spec.py``) has ``head_size = slot_bytes / 2`` so that its
+page size is the compressed one. K/V are stored by ``do_kv_cache_update`` before ``forward``.
+
+This module runs the plain PyTorch path of :mod:`vllm_lowrank.reference`; it is what runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from . import reference
+from .config import LowRankConfigError, layer_index
+from .plan import LayerState, build_layer_state, plugin_config
+
+logger = init_logger(__name__)
+
+BACKEND_PATH = "vllm_lowrank.backend.LowRankBackend"
+
+
+class LowRankBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["LowRankImpl"]:
+        return LowRankImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["LowRankMetadataBuilder"]:
+        return LowRankMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        # head_size is the spec's (slot_bytes / 2): K and V together fill one slot
+        return (num_blocks, block_size, num_kv_heads, 2 * head_size)
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size % 8 == 0 and 16 <= head_size <= 256
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class LowRankMetadata(AttentionMetadata):
+    num_actual_tokens: int
+    num_reqs: int
+    num_decodes: int  # decodes come first (reorder threshold 1)
+    num_decode_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+
+
+class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LowRankMetadata:
+        cam = common_attn_metadata
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=self.reorder_batch_threshold)
+        seq_lens_cpu = cam.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            seq_lens_cpu = cam.seq_lens.cpu()
+        return LowRankMetadata(
+            num_actual_tokens=cam.num_actual_tokens, num_reqs=cam.num_reqs, num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens, max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
+            query_start_loc_cpu=cam.query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu)
+
+
+class LowRankImpl(AttentionImpl[LowRankMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra: Any) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            f"sliding window ({sliding_window})": sliding_window is not None,
+            f"logit soft-capping ({logits_soft_cap})": bool(logits_soft_cap),
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "KV sharing between layers": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
+            "attention sinks": extra.get("sinks") is not None,
+        }
+        bad = [name for name, is_bad in unsupported.items() if is_bad]
+        if bad:
+            raise LowRankConfigError(
+                f"the lowrank attention backend does not support {', '.join(bad)}; it supports decoder "
+                f"self-attention with kv_cache_dtype='auto' (set the compressed format through "
+                f"additional_config={{'lowrank': {{'format': ...}}}})")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.vllm_config = get_current_vllm_config()
+        self.config = plugin_config(self.vllm_config)  # parse and check now, at model build
+        self.state: LayerState | None = None
+
+    def _state(self, layer: AttentionLayer, device: torch.device) -> LayerState:
+        if self.state is None:
+            self.state = build_layer_state(self.config, layer_index(layer.layer_name), self.num_kv_heads,
+                                           self.head_size, self.vllm_config, device)
+        return self.state
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        n = slot_mapping.shape[0]
+        if n == 0:
+            return
+        st = self._state(layer, key.device)
+        reference.store(key[:n].view(n, self.num_kv_heads, self.head_size),
+                        value[:n].view(n, self.num_kv_heads, self.head_size),
+                        kv_cache, slot_mapping, st.layout, st.transforms)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: LowRankMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the lowrank backend")
+        if attn_metadata is None:  # profiling / dummy run
+            return output.zero_()
+        md = attn_metadata
+        n = md.num_actual_tokens
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        st = self._state(layer, q.device)
+
+        nd, ndt = md.num_decodes, md.num_decode_tokens
+        if nd:
+            reference.decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd],
+                                       st.layout, st.transforms, self.scale, out[:ndt])
+        qsl = md.query_start_loc_cpu.tolist()
+        seq_lens = md.seq_lens_cpu.tolist()
+        for i in range(nd, md.num_reqs):
+            q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
+            if q1 <= q0:
+                continue
+            if length == q1 - q0 and not self.config.prefill_from_cache:
+                # first chunk of a prompt: its own K/V, exact
+                k = key[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+                v = value[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+                out[q0:q1] = reference.exact_causal_attention(q[q0:q1], k, v, self.scale).to(out.dtype)
+            else:
+                reference.paged_attention(q[q0:q1], kv_cache, md.block_table[i:i + 1], [length], [0, q1 - q0],
+                                          st.layout, st.transforms, self.scale, out[q0:q1])
+        if output.shape[0] > n:
+            output[n:].zero_()
+        return output

@@ -1,0 +1,208 @@
+"""The plugin's settings: ``additional_config={"lowrank": {...}}``, parsed and checked against the model.
+
+Keys (all optional):
+
+- ``format``: a preset (``full``, ``int8``, ``fp8``, ``int4``, ``lowrank``, ``lowrank+int8``,
+  ``lowrank+fp8``), a tensor format used for both K and V (``r16+int8``), or ``{"k": ..., "v": ...}``.
+  Default ``int8``.
+- ``rank_k``, ``rank_v``: ranks for the ``lowrank*`` presets (default: the basis file's ranks).
+- ``basis``: path of a basis file (needed by any ``r<N>`` format).
+- ``layers``: per-layer overrides, ``{"0": {"k": "r16", "v": "int8"}, "5": "fp8", ...}``; each value
+  takes the same forms as ``format``. Together with ``format`` this is a per-layer plan.
+- ``offset``: subtract the basis file's calibrated offsets (default: true when the file has them).
+- ``prefill_from_cache``: prefill attends over the stored (compressed) K/V instead of the prompt's own
+  exact K/V, so that perplexity measures what decode sees (default false).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .basis import BasisFile, BasisFileError
+from .formats import RANKED_PRESETS, FormatError, LayerFormat, PRESETS, TensorFormat, preset_format
+
+CONFIG_KEY = "lowrank"
+DEFAULT_FORMAT = "int8"
+KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "offset", "prefill_from_cache")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class LowRankConfigError(ValueError):
+    """A bad ``lowrank`` setting; the message names the setting and what would be accepted."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int  # total, before tensor-parallel sharding
+    head_dim: int
+    name: str = ""
+
+
+@dataclass
+class LowRankConfig:
+    raw: dict[str, Any]
+    default: LayerFormat
+    overrides: dict[int, LayerFormat] = field(default_factory=dict)
+    basis: BasisFile | None = None
+    use_offsets: bool = False
+    prefill_from_cache: bool = False
+
+    def layer_format(self, layer: int) -> LayerFormat:
+        return self.overrides.get(layer, self.default)
+
+    def describe(self, num_layers: int) -> str:
+        fmts = [str(self.layer_format(i)) for i in range(num_layers)]
+        if len(set(fmts)) == 1:
+            return f"all {num_layers} layers {fmts[0]}"
+        return "; ".join(f"layer {i}: {f}" for i, f in enumerate(fmts))
+
+
+def layer_index(layer_name: str) -> int:
+    """The decoder layer number in a vLLM attention layer name (``model.layers.7.self_attn.attn``)."""
+    m = _LAYER_RE.search(layer_name)
+    if m is None:
+        raise LowRankConfigError(f"cannot tell the layer number of attention layer {layer_name!r}")
+    return int(m.group(1))
+
+
+def _parse_layer_format(value: Any, what: str, rank_k: int | None, rank_v: int | None) -> LayerFormat:
+    if isinstance(value, dict):
+        unknown = set(value) - {"k", "v"}
+        if unknown or not value:
+            raise LowRankConfigError(f"{what}: a per-tensor format is {{'k': ..., 'v': ...}}, got {value!r}")
+        k = TensorFormat.parse(str(value.get("k", "model")))
+        v = TensorFormat.parse(str(value.get("v", "model")))
+        return LayerFormat(k, v)
+    if not isinstance(value, str):
+        raise LowRankConfigError(f"{what}: expected a format name or {{'k': ..., 'v': ...}}, got {value!r}")
+    if value.strip().lower() in PRESETS:
+        return preset_format(value, rank_k, rank_v)
+    try:
+        t = TensorFormat.parse(value)
+    except FormatError as e:
+        raise LowRankConfigError(f"{what}: unknown format {value!r}; accepted: a preset ({', '.join(PRESETS)}), "
+                                 f"a tensor format such as 'r16+int8', or {{'k': ..., 'v': ...}}") from e
+    return LayerFormat(t, t)
+
+
+def _check_rank(name: str, r: Any, head_dim: int) -> None:
+    if r is None:
+        return
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= head_dim:
+        raise LowRankConfigError(f"{name}={r!r} is out of range: a rank must be an integer from 1 to "
+                                 f"head_dim={head_dim}")
+
+
+def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
+    """Parse and check the settings for a model of the given shape; raise with a clear message."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(KNOWN_KEYS))
+    if unknown:
+        raise LowRankConfigError(f"unknown lowrank setting(s) {unknown}; accepted: {', '.join(KNOWN_KEYS)}")
+    d = shape.head_dim
+    basis = None
+    if raw.get("basis") is not None:
+        try:
+            basis = BasisFile.load(raw["basis"])
+            basis.check_model(shape.num_layers, shape.num_kv_heads, d)
+        except BasisFileError as e:
+            raise LowRankConfigError(str(e)) from e
+
+    rank_k, rank_v = raw.get("rank_k"), raw.get("rank_v")
+    _check_rank("rank_k", rank_k, d)
+    _check_rank("rank_v", rank_v, d)
+    fmt_value = raw.get("format", DEFAULT_FORMAT)
+    if (isinstance(fmt_value, str) and fmt_value.strip().lower() in RANKED_PRESETS
+            and (rank_k is None or rank_v is None) and basis is not None and basis.ranks):
+        # default ranks from the basis file: uniform only (per-layer ranks go through ``layers``)
+        rk, rv = set(basis.ranks.get("k", [])), set(basis.ranks.get("v", []))
+        if len(rk) == 1 and len(rv) == 1:
+            rank_k = rank_k if rank_k is not None else rk.pop()
+            rank_v = rank_v if rank_v is not None else rv.pop()
+        else:
+            overrides_from_file = {i: preset_format(fmt_value, basis.ranks["k"][i], basis.ranks["v"][i])
+                                   for i in range(shape.num_layers)}
+            raw.setdefault("layers", {})
+            raw["layers"] = {**{str(i): {"k": str(f.k), "v": str(f.v)} for i, f in overrides_from_file.items()},
+                             **raw["layers"]}
+            rank_k = rank_k if rank_k is not None else max(basis.ranks["k"])
+            rank_v = rank_v if rank_v is not None else max(basis.ranks["v"])
+    try:
+        default = _parse_layer_format(fmt_value, "format", rank_k, rank_v)
+    except FormatError as e:
+        raise LowRankConfigError(str(e)) from e
+
+    layers = raw.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise LowRankConfigError(f"layers: expected {{layer number: format}}, got {layers!r}")
+    overrides: dict[int, LayerFormat] = {}
+    for key, value in layers.items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise LowRankConfigError(f"layers: {key!r} is not a layer number") from None
+        if not 0 <= i < shape.num_layers:
+            raise LowRankConfigError(f"layers: layer {i} does not exist; the model has layers 0.."
+                                     f"{shape.num_layers - 1}")
+        try:
+            overrides[i] = _parse_layer_format(value, f"layers[{i}]", rank_k, rank_v)
+        except FormatError as e:
+            raise LowRankConfigError(f"layers[{i}]: {e}") from e
+
+    use_offsets = raw.get("offset")
+    if use_offsets is None:
+        use_offsets = basis is not None and basis.has_offsets()
+    elif use_offsets and (basis is None or not basis.has_offsets()):
+        raise LowRankConfigError("offset=true needs a basis file with calibrated offsets; "
+                                 "set 'basis' to one made by scripts/calibrate.py, or drop 'offset'")
+    cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")))
+
+    for i in range(shape.num_layers):
+        fmt = cfg.layer_format(i)
+        for t, tf in (("k", fmt.k), ("v", fmt.v)):
+            where = f"layer {i} {t.upper()} format {tf}"
+            try:
+                tf.validate(d, where)
+            except FormatError as e:
+                raise LowRankConfigError(str(e)) from e
+            if tf.transform == "basis":
+                if basis is None:
+                    raise LowRankConfigError(f"{where} projects onto a basis, but no basis file is set; add "
+                                             f"'basis': '/path/to/basis.safetensors' (made by "
+                                             f"scripts/calibrate.py)")
+                if tf.rank > basis.stored_rank(t, i):
+                    raise LowRankConfigError(f"{where}: rank {tf.rank} exceeds the {basis.stored_rank(t, i)} "
+                                             f"basis vectors stored for layer {i} in {basis.path!r}")
+    return cfg
+
+
+def raw_settings(additional_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``lowrank`` dict of vLLM's ``additional_config`` (None when absent)."""
+    if not additional_config:
+        return None
+    raw = additional_config.get(CONFIG_KEY)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise LowRankConfigError(f"additional_config['{CONFIG_KEY}'] is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise LowRankConfigError(f"additional_config['{CONFIG_KEY}'] must be a dict, got {type(raw).__name__}")
+    return raw
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(raw_json: str, shape: ModelShape) -> LowRankConfig:
+    return parse(json.loads(raw_json), shape)
+
+
+def cached_parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
+    """:func:`parse`, memoized per process (each layer asks; the basis file is read once)."""
+    return _cached(json.dumps(raw or {}, sort_keys=True), shape)
