@@ -89,6 +89,7 @@ class LowRankMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
+    positions: torch.Tensor | None = None  # [num_tokens] position of each query token
 
 
 class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
@@ -112,7 +113,8 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
             num_decode_tokens=num_decode_tokens, max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
-            query_start_loc_cpu=cam.query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu)
+            query_start_loc_cpu=cam.query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu,
+            positions=cam.positions)
 
 
 class LowRankImpl(AttentionImpl[LowRankMetadata]):
@@ -194,4 +196,9 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                                           st.layout, st.transforms, self.scale, out[q0:q1])
         if output.shape[0] > n:
             output[n:].zero_()
+        if self.config.calibrate:
+            from .calibration import observe
+
+            observe(layer_index(layer.layer_name), q, key[:n].view(n, self.num_kv_heads, self.head_size),
+                    value[:n].view(n, self.num_kv_heads, self.head_size), md.positions[:n])
         return output

@@ -12,6 +12,8 @@ Keys (all optional):
 - ``offset``: subtract the basis file's calibrated offsets (default: true when the file has them).
 - ``prefill_from_cache``: prefill attends over the stored (compressed) K/V instead of the prompt's own
   exact K/V, so that perplexity measures what decode sees (default false).
+- ``calibrate``: accumulate per-layer statistics of Q, K (post- and pre-RoPE) and V for calibration
+  (see :mod:`vllm_lowrank.calibration`; default false).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .formats import RANKED_PRESETS, FormatError, LayerFormat, PRESETS, TensorFo
 
 CONFIG_KEY = "lowrank"
 DEFAULT_FORMAT = "int8"
-KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "offset", "prefill_from_cache")
+KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "offset", "prefill_from_cache", "calibrate")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -51,6 +53,7 @@ class LowRankConfig:
     basis: BasisFile | None = None
     use_offsets: bool = False
     prefill_from_cache: bool = False
+    calibrate: bool = False
 
     def layer_format(self, layer: int) -> LayerFormat:
         return self.overrides.get(layer, self.default)
@@ -160,7 +163,8 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     elif use_offsets and (basis is None or not basis.has_offsets()):
         raise LowRankConfigError("offset=true needs a basis file with calibrated offsets; "
                                  "set 'basis' to one made by scripts/calibrate.py, or drop 'offset'")
-    cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")))
+    cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")),
+                        bool(raw.get("calibrate")))
 
     for i in range(shape.num_layers):
         fmt = cfg.layer_format(i)
