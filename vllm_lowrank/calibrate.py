@@ -1,0 +1,151 @@
+"""Calibrate a model inside vLLM and write its basis file (``python -m vllm_lowrank.calibrate --help``).
+
+Runs the model through vLLM with the lowrank backend in calibration mode (``format: full``, so attention
+is exact and uncompressed, and ``calibrate: true``, so every attention forward adds its Q/K/V to float64
+sums in the worker), fetches the sums with ``llm.collective_rpc``, and writes:
+
+- the statistics (``--stats``, float64 safetensors: the input of ``analyze_ranks.py``; not committed);
+- the basis file (``--out``): eigenvectors (keys query-aware by default), eigenvalues, calibrated offsets,
+  the chosen ranks, retained energy and what it was calibrated on.
+
+Defaults work on the embedded SmolLM2-135M and the Wikipedia excerpt (calibration windows from the
+beginning of the text, disjoint from the evaluation text at its end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="calibrate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16)")
+    p.add_argument("--windows", type=int, default=24, help="calibration windows")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
+    p.add_argument("--batch", type=int, default=4, help="windows per vLLM generate call")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype inside vLLM")
+    p.add_argument("--stats", default=None, help="where to write the statistics (default out/<model>-stats.safetensors)")
+    p.add_argument("--from-stats", default=None, help="skip vLLM: build the basis from a saved statistics file")
+    p.add_argument("--out", default=None, help="basis file to write (default out/<model>-basis.safetensors)")
+    p.add_argument("--key-basis", choices=("query", "pca"), default="query",
+                   help="query: minimise the error of q.k (query-aware); pca: plain PCA of the keys")
+    p.add_argument("--no-center", action="store_true", help="do not subtract calibrated means (no offsets)")
+    p.add_argument("--ranks", choices=("energy", "uniform", "budget", "plans"), default="energy",
+                   help="how the file's ranks are chosen (see --energy, --rank, --budget-ratio, --plans)")
+    p.add_argument("--energy", type=float, default=0.99, help="energy threshold for --ranks energy")
+    p.add_argument("--rank", type=int, default=32, help="rank for --ranks uniform")
+    p.add_argument("--budget-ratio", type=float, default=2.0,
+                   help="--ranks budget: payload bytes = bf16 K+V bytes / this ratio, allocated by eigenvalue per byte")
+    p.add_argument("--multiple", type=int, default=8, help="round ranks to multiples of this")
+    p.add_argument("--store-rank", type=int, default=None,
+                   help="basis columns stored per layer (default: the chosen rank, enough for any smaller rank)")
+    p.add_argument("--plans", default=None,
+                   help="JSON plans file (from sensitivity.py): store exactly the columns its r<N> formats use")
+    return p.parse_args(argv)
+
+
+def gather_statistics(model: Path, windows: list[list[int]], batch: int, dtype: str, theta: float | None):
+    """Run the windows through vLLM in calibration mode and return the accumulated statistics."""
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a callable
+    from tqdm import tqdm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from . import calibration as cal
+    from .engine import vllm_llm
+
+    max_len = max(len(w) for w in windows) + 16
+    with vllm_llm(model, {"format": "full", "calibrate": True}, dtype=dtype, max_model_len=max_len,
+                  kv_cache_memory_bytes=max(64 << 20, batch * max_len * 30 * 3 * 64 * 4 * 2)) as llm:
+        llm.collective_rpc(cal.rpc_configure, args=(theta, theta is not None))
+        sp = SamplingParams(max_tokens=1, temperature=0.0)
+        for i in tqdm(range(0, len(windows), batch), desc="calibration", unit="batch"):
+            llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows[i:i + batch]], sp, use_tqdm=False)
+        res = llm.collective_rpc(cal.rpc_collect)
+    return cal.statistics_from_rpc(res)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from . import calibration as cal
+    from .engine import model_shape, rope_theta
+
+    if args.model is None:
+        from .models import smollm2
+
+        model = smollm2(args.dtype if args.dtype in ("bfloat16", "float32") else "bfloat16")
+    else:
+        model = Path(args.model)
+    name = model.name
+    out_dir = REPO / "out"
+    out_dir.mkdir(exist_ok=True)
+    stats_path = Path(args.stats) if args.stats else out_dir / f"{name}-stats.safetensors"
+    out_path = Path(args.out) if args.out else out_dir / f"{name}-basis.safetensors"
+
+    if args.from_stats:
+        stats = cal.Statistics.load(args.from_stats)
+        print(f"statistics from {args.from_stats}: {int(stats.count[0])} tokens per layer")
+    else:
+        from transformers import AutoTokenizer
+
+        from .textdata import calibration_windows
+
+        tok = AutoTokenizer.from_pretrained(str(model))
+        windows = calibration_windows(tok, args.windows, args.window)
+        theta = rope_theta(model)
+        t0 = time.time()
+        stats = gather_statistics(model, windows, args.batch, args.dtype, theta)
+        stats.meta.update({"model": name, "text": "gensim enwiki excerpt, calibration part (beginning)",
+                           "windows": args.windows, "window": args.window, "dtype": args.dtype,
+                           "seconds": round(time.time() - t0, 1)})
+        stats.save(stats_path)
+        print(f"statistics: {int(stats.count[0])} tokens per layer -> {stats_path}")
+
+    num_layers, hq, h, d = stats.num_layers, None, stats.num_kv_heads, stats.head_dim
+    bases = cal.compute_bases(stats, key_method=args.key_basis, centered=not args.no_center)
+    eigs = {"k": bases.column_energy("k"), "v": bases.column_energy("v")}
+    store_per_layer = None
+    if args.ranks == "energy":
+        ranks = cal.energy_ranks(eigs, args.energy, args.multiple)
+    elif args.ranks == "uniform":
+        ranks = cal.uniform_ranks(num_layers, args.rank)
+    elif args.ranks == "budget":
+        budget = int(round(2 * num_layers * h * d * 2 / args.budget_ratio))
+        budget -= budget % (args.multiple * h * 2)
+        ranks = cal.budget_ranks(eigs, budget, 2, args.multiple)
+    else:
+        if not args.plans:
+            raise SystemExit("--ranks plans needs --plans FILE")
+        from .sensitivity import plans_ranks
+
+        ranks = plans_ranks(json.loads(Path(args.plans).read_text()), num_layers)
+        store_per_layer = {t: [max(1, r) for r in ranks[t]] for t in ranks}
+        ranks = {t: [max(1, r) for r in ranks[t]] for t in ranks}
+    calib = {"text": "gensim enwiki-latest-pages-articles1 excerpt (filter_wiki, no redirects): the text before "
+                     "its last 200,000 characters", "tokens_per_layer": int(stats.count[0]),
+             "key_basis": args.key_basis, "centered": not args.no_center, "rank_rule": args.ranks,
+             "date": datetime.date.today().isoformat(), **{k: v for k, v in stats.meta.items() if k in (
+                 "windows", "window", "dtype")}}
+    if args.plans:
+        calib["plans"] = Path(args.plans).name
+    bf = cal.make_basis_file(stats, bases, ranks, store_rank=args.store_rank, model=name, calibration=calib,
+                             store_per_layer=store_per_layer)
+    bf.save(out_path)
+    size = out_path.stat().st_size
+    er = cal.effective_rank(eigs["k"]).float().mean(), cal.effective_rank(eigs["v"]).float().mean()
+    print(f"basis file -> {out_path} ({size / 1024:.0f} KiB); ranks K {bf.ranks['k']}\n  V {bf.ranks['v']}")
+    print(f"mean effective rank at 99% energy: K {er[0]:.1f}, V {er[1]:.1f} of {d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Perplexity and greedy agreement per KV format, inside vLLM (``python -m vllm_lowrank.evaluate --help``).
+
+Held-out text: the last 200,000 characters of the gensim Wikipedia excerpt, in windows of 1024 tokens
+(the first ``--windows`` of them; all 40 on the GPU machine, fewer on the CPU). The baseline is vLLM's
+own attention backend, uncompressed. Prints one table: format, bytes per token, compression vs bf16,
+capacity ratio (vLLM's own KV cache size in tokens at a fixed memory, vs the baseline), perplexity,
+change in %, and greedy agreement with the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BASIS = REPO / "bases" / "smollm2-135m.safetensors"
+DEFAULT_PLANS = REPO / "bases" / "smollm2-135m.plans.json"
+DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:4x", "plan:8x"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16)")
+    p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS,
+                   help="format specs: vllm, vllm-fp8, full, int8, fp8, int4, lowrank:RK[:RV], "
+                        "lowrank+int8:RK[:RV], plan:NAME, or a JSON dict of lowrank settings")
+    p.add_argument("--windows", type=int, default=4, help="evaluation windows (40 = the whole held-out text)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype in vLLM")
+    p.add_argument("--basis", default=str(DEFAULT_BASIS), help="basis file for low-rank formats and plans")
+    p.add_argument("--plans", default=str(DEFAULT_PLANS), help="plans file (from sensitivity.py)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
+                   help="KV cache memory for every format (capacity ratios are measured at this size)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from .evaluation import agreement, resolve, run_format, table
+    from .textdata import eval_windows
+
+    if args.model is None:
+        from .models import smollm2
+
+        model = smollm2("bfloat16")
+    else:
+        model = Path(args.model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    windows = eval_windows(tok, args.windows, args.window)
+    basis = args.basis if Path(args.basis).is_file() else None
+    plans = args.plans if Path(args.plans).is_file() else None
+    specs = [resolve(f, basis, plans) for f in args.formats]
+    if specs[0].name != "vllm":
+        specs.insert(0, resolve("vllm", basis, plans))
+    from tqdm import tqdm
+
+    results = []
+    for spec in tqdm(specs, desc="formats", unit="format"):
+        r = run_format(model, spec, windows, args.dtype, args.kv_cache_memory_bytes)
+        results.append(r)
+        tqdm.write(f"{r.name}: perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.seconds:.0f} s)")
+    base = results[0]
+    header = (f"{model.name}, {len(windows)} windows x {args.window} tokens ({base.tokens} predicted), dtype "
+              f"{args.dtype}, {datetime.date.today().isoformat()}, {platform.machine()} CPU, vLLM 0.26.0")
+    print(header)
+    print(table(results, base))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": [
+            {"name": r.name, "bytes_per_token": r.bytes_per_token, "ratio": r.ratio_vs_bf16, "kv_tokens": r.kv_tokens,
+             "perplexity": r.ppl, "nll": r.nll, "tokens": r.tokens, "change_pct": 100 * (r.ppl / base.ppl - 1),
+             "agreement": agreement(r, base), "seconds": r.seconds, "settings": r.settings} for r in results]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Perplexity, greedy agreement and capacity of KV formats, measured inside vLLM.
+
+A *format spec* names what to run:
+
+- ``vllm``: vLLM's own attention backend, uncompressed (the baseline); ``vllm-fp8``, ``vllm-<dtype>``:
+  vLLM's own ``kv_cache_dtype`` options (on the CPU build only ``fp8``);
+- ``full``, ``int8``, ``fp8``, ``int4``: the plugin's presets;
+- ``lowrank:<rk>[:<rv>]``, ``lowrank+int8:<rk>[:<rv>]``: uniform low rank with the basis file;
+- ``plan:<name>``: a per-layer plan from the plans file (``bases/smollm2-135m.plans.json``), e.g. ``plan:4x``;
+- a JSON dict: the ``lowrank`` settings themselves.
+
+Every plugin format is evaluated with ``prefill_from_cache: true``: each prompt token attends to its
+predecessors (and itself) as stored in the compressed cache, which is what decode sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import kv_cache_tokens, model_shape, vllm_llm
+
+
+@dataclass
+class FormatSpec:
+    name: str
+    settings: dict[str, Any] | None  # None: vLLM's own backend
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass
+class FormatResult:
+    name: str
+    bytes_per_token: int
+    ratio_vs_bf16: float
+    kv_tokens: int
+    nll: float
+    tokens: int
+    top1: list[list[int]] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+    settings: dict[str, Any] | None = None
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
+    s = spec.strip()
+    if s == "vllm":
+        return FormatSpec(s, None)
+    if s.startswith("vllm-"):
+        return FormatSpec(s, None, s[len("vllm-"):])
+    if s.startswith("{"):
+        return FormatSpec(s, {"prefill_from_cache": True, **json.loads(s)})
+    if s.startswith("plan:"):
+        if not plans_path:
+            raise ValueError(f"{s} needs a plans file (--plans)")
+        plans = json.loads(Path(plans_path).read_text())["plans"]
+        key = s[len("plan:"):]
+        if key not in plans:
+            raise ValueError(f"plan {key!r} is not in {plans_path}; it has {', '.join(plans)}")
+        settings = {"format": "int8", "layers": plans[key]["layers"], "prefill_from_cache": True}
+        if basis:
+            settings["basis"] = basis
+        return FormatSpec(s, settings)
+    if ":" in s:
+        preset, *ranks = s.split(":")
+        rk = int(ranks[0])
+        rv = int(ranks[1]) if len(ranks) > 1 else rk
+        if not basis:
+            raise ValueError(f"{s} needs a basis file (--basis)")
+        return FormatSpec(s, {"format": preset, "rank_k": rk, "rank_v": rv, "basis": basis, "prefill_from_cache": True})
+    settings = {"format": s, "prefill_from_cache": True}
+    return FormatSpec(s, settings)
+
+
+def bytes_per_token(model: str | Path, spec: FormatSpec) -> int:
+    """KV bytes per token over all layers (bf16 model dtype for the plugin's model-dtype payloads)."""
+    n, _, h, d = model_shape(model)
+    if spec.settings is None:
+        per = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}.get(spec.kv_cache_dtype, 2)
+        return n * h * 2 * d * per
+    from .config import ModelShape, parse
+    from .formats import SlotLayout
+
+    cfg = parse(dict(spec.settings), ModelShape(n, h, d))
+    return sum(h * SlotLayout.build(cfg.layer_format(i), d, torch.bfloat16).slot_bytes for i in range(n))
+
+
+def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dtype: str = "bfloat16",
+               kv_cache_memory_bytes: int = 512 << 20, batch: int = 8) -> FormatResult:
+    """Prompt log-probabilities of every window under one format."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    n, _, h, d = model_shape(model)
+    t0 = time.time()
+    max_len = max(len(w) for w in windows) + 16
+    kwargs: dict[str, Any] = {}
+    if spec.settings is None:
+        backend = None
+        if spec.kv_cache_dtype != "auto":
+            kwargs["kv_cache_dtype"] = spec.kv_cache_dtype
+    else:
+        backend = "lowrank"
+    nll, count = 0.0, 0
+    top1: list[list[int]] = []
+    with vllm_llm(model, spec.settings, dtype=dtype, max_model_len=max_len,
+                  kv_cache_memory_bytes=kv_cache_memory_bytes, backend=backend, **kwargs) as llm:
+        cap = kv_cache_tokens(llm)
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        for i in range(0, len(windows), batch):
+            chunk = windows[i:i + batch]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in chunk], sp, use_tqdm=False)
+            for w, o in zip(chunk, outs):
+                tops = []
+                for j, lp in enumerate(o.prompt_logprobs):
+                    if lp is None:
+                        continue
+                    nll -= lp[w[j]].logprob
+                    count += 1
+                    tops.append(min(lp.items(), key=lambda kv: kv[1].rank)[0])
+                top1.append(tops)
+    bpt = bytes_per_token(model, spec)
+    return FormatResult(spec.name, bpt, n * h * 2 * d * 2 / bpt, cap, nll / max(count, 1), count, top1,
+                        time.time() - t0, spec.settings)
+
+
+def agreement(a: FormatResult, b: FormatResult) -> float:
+    """Fraction of positions whose greedy (top-1) next token is the same in both runs."""
+    same = tot = 0
+    for x, y in zip(a.top1, b.top1):
+        same += sum(int(p == q) for p, q in zip(x, y))
+        tot += min(len(x), len(y))
+    return same / max(tot, 1)
+
+
+def table(results: list[FormatResult], baseline: FormatResult) -> str:
+    rows = ["| format | bytes/token | vs bf16 | capacity ratio | perplexity | change | greedy agreement |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        change = 100 * (r.ppl / baseline.ppl - 1)
+        rows.append(f"| {r.name} | {r.bytes_per_token} | {r.ratio_vs_bf16:.2f}x | {r.kv_tokens / baseline.kv_tokens:.2f}x "
+                    f"| {r.ppl:.4f} | {change:+.3f}% | {100 * agreement(r, baseline):.2f}% |")
+    return "\n".join(rows)

@@ -1,0 +1,266 @@
+"""Sensitivity-driven per-layer plans: given a byte budget, each layer's K and V format that minimises loss.
+
+1. Sweep (:func:`sweep`): compress ONE layer's K or V at a time with each candidate format and measure
+   the loss it causes on calibration text (the PyTorch simulation of :mod:`vllm_lowrank.simulate`; the
+   windows come after the calibration windows, so both stay disjoint from the evaluation text). The
+   loss is the mean KL divergence from the exact model's next-token distribution (always >= 0, much
+   less noisy than the change in NLL; the change in NLL is recorded too).
+2. Choose (:func:`choose_plan`): a multiple-choice knapsack over layers, exact in bytes: each layer
+   picks a (K format, V format) pair, costing its exact slot bytes (:class:`~vllm_lowrank.formats.SlotLayout`,
+   alignment included) times the KV heads; the sum of the measured losses (assumed additive) is
+   minimised under the budget of bytes per token. Solved exactly by dynamic programming.
+3. A plan is the plugin's ``layers`` setting: ``{"0": {"k": "r16+int4", "v": "int8"}, ...}``;
+   :func:`plan_settings` gives the whole ``additional_config["lowrank"]`` dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .formats import LayerFormat, SlotLayout, TensorFormat
+
+# candidate formats per tensor (besides the exact "model"), cheapest last
+CANDIDATES = ("int8", "hadamard+int4", "r48+int8", "r32+int8", "r48+int4", "r40+int4", "r32+int4",
+              "r24+int4", "r16+int4", "r8+int4")
+
+
+def slot_bytes(kf: str, vf: str, head_dim: int, model_dtype: torch.dtype = torch.bfloat16) -> int:
+    return SlotLayout.build(LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)), head_dim, model_dtype).slot_bytes
+
+
+def sweep(sim, candidates: tuple[str, ...] = CANDIDATES, progress: bool = True,
+          layers: list[int] | None = None) -> dict[str, Any]:
+    """Loss of each (layer, tensor, format), one at a time; ``sim`` is a prepared Simulator."""
+    from tqdm import tqdm
+
+    ref = sim.reference()
+    out: dict[str, Any] = {"reference": ref, "candidates": list(candidates), "kl": {}, "dnll": {}}
+    layers = list(range(sim.num_layers)) if layers is None else layers
+    jobs = [(i, t, f) for i in layers for t in ("k", "v") for f in candidates]
+    for i, t, f in tqdm(jobs, desc="sensitivity", unit="run", disable=not progress):
+        plan = {i: (f, "model") if t == "k" else ("model", f)}
+        sim.set_plan(plan)
+        r = sim.run(i)
+        out["kl"][f"{i}.{t}.{f}"] = r["kl"]
+        out["dnll"][f"{i}.{t}.{f}"] = r["nll"] - ref["nll"]
+    sim.set_plan(None)
+    return out
+
+
+def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                candidates: tuple[str, ...] | None = None, metric: str = "kl",
+                model_dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[str, str]]:
+    """Minimise the summed measured loss subject to sum_layers H * slot_bytes <= budget_bytes (exact DP)."""
+    cands = ["model", *(candidates or sens["candidates"])]
+    loss = sens[metric]
+
+    def cost_of(i: int, t: str, f: str) -> float:
+        return 0.0 if f == "model" else max(0.0, float(loss[f"{i}.{t}.{f}"]))
+
+    unit = 2  # slot bytes are even
+    cap = budget_bytes // (num_kv_heads * unit)
+    inf = float("inf")
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    choice: list[np.ndarray] = []
+    pairs = [(kf, vf, slot_bytes(kf, vf, head_dim, model_dtype) // unit) for kf in cands for vf in cands]
+    for i in range(num_layers):
+        nb = np.full(cap + 1, inf)
+        arg = np.full(cap + 1, -1, dtype=np.int64)
+        for j, (kf, vf, w) in enumerate(pairs):
+            if w > cap:
+                continue
+            c = cost_of(i, "k", kf) + cost_of(i, "v", vf)
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[:cap + 1 - w] + c
+            better = cand < nb
+            nb[better] = cand[better]
+            arg[better] = j
+        best = nb
+        choice.append(arg)
+    if not np.isfinite(best).any():
+        raise ValueError(f"no plan fits in {budget_bytes} bytes per token")
+    b = int(np.nanargmin(np.where(np.isfinite(best), best, np.nan)))
+    plan: dict[int, tuple[str, str]] = {}
+    for i in range(num_layers - 1, -1, -1):
+        j = int(choice[i][b])
+        kf, vf, w = pairs[j]
+        plan[i] = (kf, vf)
+        b -= w
+    return dict(sorted(plan.items()))
+
+
+def plan_bytes(plan: dict[int, tuple[str, str]], num_kv_heads: int, head_dim: int,
+               model_dtype: torch.dtype = torch.bfloat16) -> int:
+    return sum(num_kv_heads * slot_bytes(kf, vf, head_dim, model_dtype) for kf, vf in plan.values())
+
+
+def predicted_loss(sens: dict[str, Any], plan: dict[int, tuple[str, str]], metric: str = "kl") -> float:
+    return sum(float(sens[metric][f"{i}.{t}.{f}"]) for i, (kf, vf) in plan.items()
+               for t, f in (("k", kf), ("v", vf)) if f != "model")
+
+
+def plan_layers(plan: dict[int, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """The plugin's ``layers`` setting."""
+    return {str(i): {"k": kf, "v": vf} for i, (kf, vf) in sorted(plan.items())}
+
+
+def plan_settings(plan: dict[int, tuple[str, str]], basis: str | None, **extra: Any) -> dict[str, Any]:
+    """The whole ``additional_config['lowrank']`` dict for a plan."""
+    s: dict[str, Any] = {"format": "int8", "layers": plan_layers(plan), **extra}
+    if basis is not None and any(f.startswith("r") for kv in plan.values() for f in kv):
+        s["basis"] = str(basis)
+    elif basis is not None:
+        s["basis"] = str(basis)  # offsets of the file still apply
+    return s
+
+
+def parse_plan(layers: dict[str, Any]) -> dict[int, tuple[str, str]]:
+    return {int(i): (str(v["k"]), str(v["v"])) for i, v in layers.items()}
+
+
+def plans_ranks(plans: dict[str, Any], num_layers: int) -> dict[str, list[int]]:
+    """Per layer and tensor, the largest rank any of the plans' r<N> formats uses (0 if none)."""
+    ranks = {"k": [0] * num_layers, "v": [0] * num_layers}
+    for p in plans.get("plans", plans).values():
+        layers = p["layers"] if "layers" in p else p
+        for i, kv in layers.items():
+            for t in ("k", "v"):
+                tf = TensorFormat.parse(kv[t])
+                if tf.transform == "basis":
+                    ranks[t][int(i)] = max(ranks[t][int(i)], tf.rank)
+    return ranks
+
+
+def load_plans(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line: python -m vllm_lowrank.sensitivity --help
+
+
+def _ratio_key(r: float) -> str:
+    return f"{r:g}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import datetime
+    import time
+
+    from .basis import BasisFile
+
+    repo = Path(__file__).resolve().parent.parent
+    p = argparse.ArgumentParser(prog="choose_plan", description="Measure per-layer sensitivity (PyTorch simulation "
+                                "on the HF model) and choose per-layer K/V formats for byte budgets.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--basis", default=str(repo / "out" / "smollm2-135m-instruct-bfloat16-basis.safetensors"),
+                   help="basis file with all columns (from calibrate.py)")
+    p.add_argument("--windows", type=int, default=2, help="sensitivity windows (calibration text, after the "
+                   "calibration windows)")
+    p.add_argument("--window", type=int, default=512, help="tokens per sensitivity window")
+    p.add_argument("--skip-tokens", type=int, default=64 * 1024,
+                   help="start this many tokens into the calibration text (past the calibration windows)")
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="candidate formats per tensor")
+    p.add_argument("--sweep", default=str(repo / "out" / "sensitivity.json"), help="sweep results (written, or "
+                   "read with --from-sweep)")
+    p.add_argument("--from-sweep", nargs="*", default=None,
+                   help="reuse sweep files (default: --sweep) instead of measuring; several are merged")
+    p.add_argument("--layers", default=None, help="sweep only these layers (e.g. 0-14 or 0,2,4), to split the "
+                   "sweep over processes; then merge with --from-sweep A B")
+    p.add_argument("--sweep-only", action="store_true", help="measure and write the sweep, choose no plans")
+    p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0],
+                   help="compression ratios vs bf16 K+V to plan for")
+    p.add_argument("--metric", choices=("kl", "dnll"), default="kl")
+    p.add_argument("--verify", action="store_true", help="simulate each chosen plan in full")
+    p.add_argument("--out", default=str(repo / "bases" / "smollm2-135m.plans.json"), help="plans file to write")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from .simulate import Simulator
+    from .textdata import split_text
+
+    if args.model is None:
+        from .models import smollm2
+
+        model = smollm2()
+    else:
+        model = Path(args.model)
+    basis = BasisFile.load(args.basis)
+    sim = None
+    if args.from_sweep is not None:
+        files = args.from_sweep or [args.sweep]
+        sens = json.loads(Path(files[0]).read_text())
+        for f in files[1:]:
+            other = json.loads(Path(f).read_text())
+            sens["kl"].update(other["kl"])
+            sens["dnll"].update(other["dnll"])
+    else:
+        tok = AutoTokenizer.from_pretrained(str(model))
+        ids = tok(split_text()[0], add_special_tokens=False)["input_ids"][args.skip_tokens:]
+        wins = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
+        sim = Simulator(model, basis)
+        t0 = time.time()
+        sim.prepare(wins)
+        layers = None
+        if args.layers:
+            layers = []
+            for part in args.layers.split(","):
+                a, _, b = part.partition("-")
+                layers += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        sens = sweep(sim, tuple(args.candidates), layers=layers)
+        sens["meta"] = {"windows": args.windows, "window": args.window, "skip_tokens": args.skip_tokens,
+                        "basis": Path(args.basis).name, "seconds": round(time.time() - t0, 1),
+                        "date": datetime.date.today().isoformat()}
+        Path(args.sweep).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.sweep).write_text(json.dumps(sens, indent=1))
+        print(f"sweep -> {args.sweep} ({time.time() - t0:.0f} s)")
+        if args.sweep_only:
+            return 0
+    n, h, d = basis.num_layers, basis.num_kv_heads, basis.head_dim
+    full = n * h * 2 * d * 2
+    plans: dict[str, Any] = {}
+    for r in args.ratios:
+        budget = int(full / r)
+        plan = choose_plan(sens, budget, n, h, d, tuple(args.candidates), args.metric)
+        used = plan_bytes(plan, h, d)
+        entry = {"ratio": round(full / used, 3), "bytes_per_token": used, "budget": budget,
+                 "predicted_kl": round(predicted_loss(sens, plan, "kl"), 6),
+                 "predicted_dnll": round(predicted_loss(sens, plan, "dnll"), 6), "layers": plan_layers(plan)}
+        if args.verify:
+            if sim is None:
+                tok = AutoTokenizer.from_pretrained(str(model))
+                ids = tok(split_text()[0], add_special_tokens=False)["input_ids"][args.skip_tokens:]
+                sim = Simulator(model, basis)
+                sim.prepare([ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)])
+            ref = sim.reference()
+            sim.set_plan(plan)
+            res = sim.run(0)
+            entry["simulated_kl"] = round(res["kl"], 6)
+            entry["simulated_dnll"] = round(res["nll"] - ref["nll"], 6)
+        plans[_ratio_key(r)] = entry
+        ks = [kv[0] for kv in plan.values()]
+        vs = [kv[1] for kv in plan.values()]
+        print(f"{_ratio_key(r)}: {used} B/token ({full / used:.2f}x), predicted KL {entry['predicted_kl']:.5f}"
+              + (f", simulated KL {entry['simulated_kl']:.5f} dNLL {entry['simulated_dnll']:+.5f}" if args.verify else ""))
+        print("   K:", " ".join(ks))
+        print("   V:", " ".join(vs))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": basis.model, "metric": args.metric, "sweep": sens.get("meta", {}),
+                                          "plans": plans}, indent=1))
+    print(f"plans -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
