@@ -43,3 +43,42 @@ def kv_cache_tokens(llm) -> int:
     """vLLM's own KV cache capacity in tokens (what it logs as 'GPU KV cache size')."""
     cc = llm.llm_engine.vllm_config.cache_config
     return cc.num_gpu_blocks * cc.block_size
+
+
+REAL_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+             "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+             "Locally nicknamed 'La dame de fer', it was constructed as the centrepiece of the 1889 World's Fair, "
+             "and to crown the centennial anniversary of the French Revolution. Although initially criticised by "
+             "some of France's leading artists and intellectuals for its design, it has since become a global "
+             "cultural icon of France and one of the most recognisable structures in the world.")
+
+
+@pytest.fixture(scope="session")
+def real_qkv(smollm2) -> dict[int, tuple]:
+    """Post-RoPE q [T, 9, 64], k and v [T, 3, 64] (float32) of SmolLM2 layers 0, 7, 15 and 29 on real text."""
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    captured: list[tuple] = []
+    original = llama.apply_rotary_pos_emb
+
+    def capture(q, k, cos, sin, *args, **kwargs):
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        captured.append((q[0].transpose(0, 1).detach(), k[0].transpose(0, 1).detach()))
+        return q, k
+
+    values: list = []
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: values.append(o[0].detach()))
+             for layer in model.model.layers]
+    llama.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            model(**tok(REAL_TEXT, return_tensors="pt"))
+    finally:
+        llama.apply_rotary_pos_emb = original
+        for h in hooks:
+            h.remove()
+    return {i: (captured[i][0], captured[i][1], values[i].view(values[i].shape[0], 3, 64)) for i in (0, 7, 15, 29)}

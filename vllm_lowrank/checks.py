@@ -8,6 +8,8 @@ from vllm.config import VllmConfig
 
 from .config import CONFIG_KEY, LowRankConfigError, raw_settings
 
+_ALIBI_MODEL_TYPES = {"bloom", "jais"}  # ALiBi is implied by the architecture, not a config flag
+
 
 def lowrank_selected(vllm_config: VllmConfig) -> bool:
     """True when the attention backend asked for is CUSTOM and CUSTOM is this plugin's backend."""
@@ -34,7 +36,10 @@ def unsupported_model_features(vllm_config: VllmConfig) -> list[str]:
         found.append(f"sliding-window attention (window {window})")
     if any(t != "full_attention" for t in (getattr(hf, "layer_types", None) or [])):
         found.append(f"mixed layer types {sorted(set(hf.layer_types))}")
-    if getattr(hf, "alibi", False) or getattr(hf, "position_embedding_type", None) == "alibi":
+    attn_cfg = getattr(hf, "attn_config", None)
+    if (getattr(hf, "model_type", None) in _ALIBI_MODEL_TYPES or getattr(hf, "alibi", False)
+            or getattr(hf, "position_embedding_type", None) == "alibi"
+            or getattr(attn_cfg, "alibi", False) or (isinstance(attn_cfg, dict) and attn_cfg.get("alibi"))):
         found.append("ALiBi position biases")
     for key in ("attn_logit_softcapping", "attn_logit_softcap"):
         if getattr(hf, key, None):

@@ -44,7 +44,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 RANKED_PRESETS = ("lowrank", "lowrank+int8", "lowrank+fp8")
 
-_FORMAT_RE = re.compile(r"^(?:(hadamard|r(\d+))(?:\+|$))?(model|bf16|fp16|fp32|auto|int8|fp8|int4)?$")
+_FORMAT_RE = re.compile(r"^(?:(hadamard|r(\d+))(?:\+(?=.)|$))?(model|bf16|fp16|fp32|auto|int8|fp8|int4)?$")
 
 
 class FormatError(ValueError):

@@ -106,6 +106,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     slots = torch.where(valid, slots, torch.zeros_like(slots))
     flat = kv_cache.view(-1, h, kv_cache.shape[-1])
     k_lat, v_lat = decode_layer(flat[slots], layout)  # [B, L, H, r]
+    v_lat = v_lat.masked_fill(~valid[:, :, None, None], 0.0)  # padding rows hold stale bytes (maybe NaN)
     q_lat = transforms.k.project_query(query, group).view(b, h, group, -1)
     s = torch.einsum("bhgr,blhr->bhgl", q_lat, k_lat) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))

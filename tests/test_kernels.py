@@ -1,0 +1,266 @@
+"""Triton kernels (store, decode, prefill) against the PyTorch oracle of :mod:`vllm_lowrank.reference`.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter. ``TRITON_INTERPRET``
+must be set before Triton decorates anything (its own ``tl.sum`` etc. included), so this module sets it
+(``setdefault``) before importing Triton; vLLM's CPU build does not use Triton, so leaving it set for
+the rest of the pytest process is harmless. If another test module imported Triton first (then in
+compiled mode), the interpreter tests cannot run in this process: they are skipped here and run once,
+whole, in a fresh subprocess by ``test_interpreter_subprocess``. With a GPU the same tests run compiled
+on CUDA tensors, plus larger shapes; the CPU variants are skipped there.
+
+Inputs are fresh random each run; the seed is printed and part of every assertion message (rerun one
+with ``LOWRANK_TEST_SEED=<seed>``).
+
+Tolerances (relative Frobenius error of the kernel against the oracle on the same compressed cache):
+the oracle computes in float32 and rounds only the output; the kernels round the dot operands to the
+model dtype (the query, and for a model-dtype V the probabilities) or, with scaled V, the scaled
+probabilities to bf16, and accumulate in float32. Expected errors: float32 about 1e-7, fp16 about
+1e-3, bf16 about 5e-3 (one bf16 output rounding on each side already gives 2e-3); the bounds are
+about 4x that. A wrong offset, scale, nibble or mask gives O(1) errors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+_NO_GPU = not torch.cuda.is_available()
+if _NO_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton.language  # noqa: E402
+
+import vllm_lowrank.kernels as K  # noqa: E402
+from vllm_lowrank.kernels.common import interpreted  # noqa: E402
+
+# the interpreter works only if Triton's own jit functions were decorated in interpreter mode too
+_INTERPRET = _NO_GPU and interpreted(triton.language.standard.sum)
+_SUBPROCESS = _NO_GPU and not _INTERPRET and os.environ.get("LOWRANK_KERNEL_SUBPROCESS") != "1"
+
+from vllm_lowrank import codec, reference  # noqa: E402
+from vllm_lowrank.formats import PRESETS, LayerFormat, SlotLayout, TensorFormat, preset_format  # noqa: E402
+from vllm_lowrank.transforms import LayerTransforms, build_tensor_transform  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _INTERPRET, reason=(
+        "CPU runs need the Triton interpreter, set before Triton is imported (no GPU: see "
+        "test_interpreter_subprocess); with a GPU the kernels are compiled for CUDA"))),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int(os.environ.get("LOWRANK_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(s)
+    print(f"seed={s}")
+    return s
+
+
+def _fmt(spec: str, rk: int = 24, rv: int = 16) -> LayerFormat:
+    """A preset name (ranked ones take rk/rv) or ``"K-format/V-format"``."""
+    if "/" in spec:
+        kf, vf = spec.split("/")
+        return LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf))
+    return preset_format(spec, rk, rv)
+
+
+def _setup(spec: str, h: int, d: int, dtype: torch.dtype, device: str, offsets: bool = True,
+           rk: int = 24, rv: int = 16) -> tuple[SlotLayout, LayerTransforms]:
+    fmt = _fmt(spec, rk, rv)
+    layout = SlotLayout.build(fmt, d, dtype)
+    basis = torch.linalg.qr(torch.randn(h, d, d, dtype=torch.float64))[0].float()
+    trs = []
+    for f in (fmt.k, fmt.v):
+        off = torch.randn(h, d) * 0.5 if offsets and torch.rand(()) < 0.7 else None
+        trs.append(build_tensor_transform(f, h, d, basis, off))
+    return layout, LayerTransforms(*trs).to(device)
+
+
+def _kv(n: int, h: int, d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys with a constant per-channel bias (what offsets remove) and plain values."""
+    k = torch.randn(n, h, d) + torch.randn(1, h, d)
+    v = torch.randn(n, h, d) * 0.7
+    return k.to(dtype).to(device), v.to(dtype).to(device)
+
+
+def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout: SlotLayout,
+                    transforms: LayerTransforms, dtype: torch.dtype, device: str, spare_blocks: int = 3):
+    """A cache of random garbage with each request's tokens stored (by the oracle) in shuffled blocks."""
+    nblk = [-(-s // block_size) for s in seq_lens]
+    max_blocks = max(nblk) + 1
+    num_blocks = sum(nblk) + spare_blocks
+    cache = torch.randint(0, 256, (num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8)
+    cache = cache.to(device)
+    perm = torch.randperm(num_blocks)
+    block_table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(nblk):
+        block_table[i, :n] = perm[used:used + n]
+        block_table[i, n:] = perm[-1]  # unused entries point at a garbage block
+        used += n
+    block_table = block_table.to(device)
+    for i, s in enumerate(seq_lens):
+        k, v = _kv(s, h, d, dtype, device)
+        reference.store(k, v, cache, reference.gather_slots(block_table[i], s, block_size), layout, transforms)
+    return cache, block_table
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+STORE_SPECS = ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8", "lowrank+fp8",
+               "r16/int8", "r15+int4/r9+fp8", "hadamard/int4", "int8/model"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", STORE_SPECS)
+def test_store_bytes_equal_codec(spec, dtype, device, seed):
+    """Every byte of every stored slot equals codec.encode_layer; other slots and padding untouched."""
+    h, d, bs = 2, 64, 16
+    layout, tr = _setup(spec, h, d, dtype, device)
+    n = 13
+    k, v = _kv(n + 3, h, d, dtype, device)  # rows past slot_mapping's length are not stored
+    cache = torch.randint(0, 256, (6, bs, h, layout.slot_bytes), dtype=torch.uint8, device=device)
+    slots = torch.randperm(6 * bs)[:n].to(device)
+    slots[torch.randperm(n)[:3]] = -1
+    expected = cache.clone()
+    rows = codec.encode_layer(k[:n], v[:n], layout, tr)  # the same projection, all rows at once
+    valid = slots >= 0
+    expected.view(-1, h, layout.slot_bytes)[slots[valid]] = rows[valid]
+    K.store(k, v, cache, slots, layout, tr)
+    bad = (cache != expected).nonzero()
+    assert bad.numel() == 0, f"seed={seed} {spec} {dtype}: {bad.shape[0]} bytes differ, first at {bad[:4].tolist()}"
+    # and the oracle's own store (which projects only the valid rows) decodes to the same latents
+    ref = torch.randint(0, 256, cache.shape, dtype=torch.uint8, device=device)
+    reference.store(k, v, ref, slots, layout, tr)
+    flat, rflat = cache.view(-1, h, layout.slot_bytes), ref.view(-1, h, layout.slot_bytes)
+    for a, b in zip(codec.decode_layer(flat[slots[valid]], layout), codec.decode_layer(rflat[slots[valid]], layout)):
+        assert _rel(a, b) < 1e-2, f"seed={seed}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_store_fp8_rounding_ties(device, seed):
+    """e4m3 rounding of exact midpoints (ties to even), subnormals and the 448 boundary, bit for bit."""
+    codes = torch.arange(0, 127, dtype=torch.uint8)  # all finite non-negative e4m3 values
+    vals = codes.view(torch.float8_e4m3fn).float()
+    mids = (vals[:-1] + vals[1:]) / 2
+    pool = torch.cat((vals, mids, -vals, -mids, mids + 1e-6, mids - 1e-6, torch.tensor([0.0, -0.0])))
+    pool = pool[torch.randperm(pool.numel())]
+    d = 64
+    n = -(-pool.numel() // (d - 1))
+    x = torch.zeros(n * (d - 1))
+    x[:pool.numel()] = pool
+    x = torch.cat((x.view(n, d - 1), torch.full((n, 1), 448.0)), 1).view(n, 1, d)  # absmax 448: scale 1
+    layout = SlotLayout.build(_fmt("fp8/fp8"), d, torch.float32)
+    tr = LayerTransforms(build_tensor_transform(TensorFormat.parse("fp8"), 1, d, None, None),
+                         build_tensor_transform(TensorFormat.parse("fp8"), 1, d, None, None))
+    cache = torch.zeros(n, 1, 1, layout.slot_bytes, dtype=torch.uint8, device=device)
+    x = x.to(device)
+    K.store(x, -x, cache, torch.arange(n, device=device), layout, tr)
+    expected = codec.encode_layer(x, -x, layout, tr)
+    assert torch.equal(cache.view(n, 1, -1), expected), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------------------------- decode
+
+DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "hadamard+int8/r20+int4"]
+
+
+def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16, seq_lens=(1, 37, 70, 16),
+                  rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0):
+    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
+    cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device)
+    b = len(seq_lens)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    q = torch.randn(b, h * group, d).to(dtype).to(device)
+    ref = torch.empty_like(q)
+    reference.decode_attention(q, cache, bt, sl, layout, tr, d ** -0.5, ref)
+    out = torch.full_like(q, float("nan"))
+    ws = torch.full((K.workspace_numel(b, h * group, layout.v.latent_dim, num_splits) + workspace_extra,),
+                    float("nan"), device=device)
+    K.decode_attention(q, cache, bt, sl, layout, tr, d ** -0.5, out, num_splits=num_splits, workspace=ws,
+                       block_n=block_n)
+    assert not out.isnan().any(), f"seed={seed}: output not fully written"
+    err = _rel(out, ref)
+    assert err < TOL[dtype], f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {TOL[dtype]:.0e}"
+    return err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", DECODE_SPECS)
+def test_decode_formats(spec, dtype, device, seed):
+    _check_decode(spec, dtype, device, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(d=128, rk=48, rv=64, group=4, block_size=32, spec="lowrank+int8", dtype=torch.bfloat16),
+    dict(d=128, rk=8, rv=32, group=1, block_size=16, spec="lowrank", dtype=torch.float16),
+    dict(d=64, group=8, block_size=128, spec="int4", dtype=torch.bfloat16, seq_lens=(5, 130, 17)),
+    dict(d=128, spec="fp8", dtype=torch.float32, num_splits=1, block_n=32, seq_lens=(100, 3)),
+    dict(d=64, spec="int8", dtype=torch.bfloat16, num_splits=8, seq_lens=(9, 2, 40), workspace_extra=100),
+    dict(d=64, rk=64, rv=64, spec="lowrank+fp8", dtype=torch.float16, block_size=32, block_n=32),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "dtype") + f"-{c['dtype']}".replace("torch.", ""))
+def test_decode_shapes(case, device, seed):
+    case = dict(case)
+    spec, dtype = case.pop("spec"), case.pop("dtype")
+    _check_decode(spec, dtype, device, seed, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", [DEVICES[1]])
+@pytest.mark.parametrize("spec", ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8"])
+def test_decode_large_gpu(spec, device, seed):
+    """Llama-3-8B attention shape, long ragged contexts, default tiles and split counts."""
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_decode(spec, dtype, device, seed, h=8, group=4, d=128, rk=64, rv=64,
+                      seq_lens=(1, 4000, 333, 2048, 17, 1500), num_splits=16, block_n=64)
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+
+
+@pytest.mark.parametrize("spec", ["full", "int8", "int4", "lowrank+int8", "r16/model"])
+def test_reference_matches_float64(spec, seed):
+    """The oracle against float64 attention over K/V rebuilt from the stored latents (P lat + c)."""
+    h, group, d, bs = 2, 2, 64, 16
+    seq_lens = [3, 40, 21]
+    layout, tr = _setup(spec, h, d, torch.float32, "cpu")
+    cache, bt = _paged_requests(seq_lens, h, d, bs, layout, tr, torch.float32, "cpu")
+    q = torch.randn(len(seq_lens), h * group, d)
+    out = torch.empty_like(q)
+    reference.decode_attention(q, cache, bt, torch.tensor(seq_lens), layout, tr, d ** -0.5, out)
+    for i, s in enumerate(seq_lens):
+        k_lat, v_lat = reference.request_latents(cache, bt[i], s, layout)
+        ks, vs = [], []
+        for lat, t in ((k_lat, tr.k), (v_lat, tr.v)):
+            full = lat.double() if t.basis is None else torch.einsum("lhr,hdr->lhd", lat.double(), t.basis.double())
+            if t.offset is not None:
+                full = full + t.offset.double()
+            (ks if t is tr.k else vs).append(full)
+        kk, vv = ks[0].repeat_interleave(group, 1), vs[0].repeat_interleave(group, 1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].double(), kk) * d ** -0.5, -1)
+        want = torch.einsum("hl,lhd->hd", p, vv)
+        assert _rel(out[i], want) < 1e-5, f"seed={seed} request {i}"
+
+
+@pytest.mark.skipif(not _SUBPROCESS, reason="only when Triton was imported in compiled mode before this module")
+def test_interpreter_subprocess():
+    """Run this module in a fresh interpreter-mode Python (Triton was imported earlier without it)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", LOWRANK_KERNEL_SUBPROCESS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
