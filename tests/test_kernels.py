@@ -14,9 +14,10 @@ with ``LOWRANK_TEST_SEED=<seed>``).
 Tolerances (relative Frobenius error of the kernel against the oracle on the same compressed cache):
 the oracle computes in float32 and rounds only the output; the kernels round the dot operands to the
 model dtype (the query, and for a model-dtype V the probabilities) or, with scaled V, the scaled
-probabilities to bf16, and accumulate in float32. Expected errors: float32 about 1e-7, fp16 about
-1e-3, bf16 about 5e-3 (one bf16 output rounding on each side already gives 2e-3); the bounds are
-about 4x that. A wrong offset, scale, nibble or mask gives O(1) errors.
+probabilities to bf16, and accumulate in float32. Measured worst cases over many seeds: float32
+3e-7, fp16 with a model-dtype V 1.5e-4, fp16 with scaled V 7e-3, bf16 1e-2 (one bf16 output rounding
+on each side alone gives 2e-3 to 5e-3); the bounds (TOL) are 2-3x those. A wrong offset, scale,
+nibble or mask gives O(1) errors.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu,
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
 ]
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
+TOL_SCALED_V_FP16 = 2e-2  # fp16 model, scaled V: probabilities rounded to bf16
+
+
+def _tol(dtype: torch.dtype, layout: SlotLayout) -> float:
+    if dtype == torch.float16 and layout.v.fmt.storage != "model":
+        return TOL_SCALED_V_FP16
+    return TOL[dtype]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -194,7 +202,8 @@ def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=1
                        block_n=block_n)
     assert not out.isnan().any(), f"seed={seed}: output not fully written"
     err = _rel(out, ref)
-    assert err < TOL[dtype], f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {TOL[dtype]:.0e}"
+    tol = _tol(dtype, layout)
+    assert err < tol, f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {tol:.0e}"
     return err
 
 

@@ -1,1 +1,13 @@
-"""Triton kernels that store into and attend over compressed KV slots (``vllm_lowrank.kernels``)."""
+"""Triton kernels that store into and attend over compressed KV slots (``vllm_lowrank.kernels``).
+
+- :func:`store`: project, quantize and scatter new K/V into their slots (one launch per layer);
+- :func:`decode_attention`: split-KV (flash-decoding) paged attention, one query token per request;
+- :func:`paged_attention`: causal attention of query chunks over their compressed context (prefill).
+
+Same contracts as the PyTorch oracle in :mod:`vllm_lowrank.reference`.
+"""
+
+from .decode import decode_attention, default_num_splits, workspace_numel
+from .store import store
+
+__all__ = ["decode_attention", "default_num_splits", "store", "workspace_numel"]

@@ -1,0 +1,202 @@
+"""Decode kernel: split-KV (flash-decoding) paged attention over compressed slots.
+
+One query token per request. Stage 1, grid (batch, kv_head, split): each program takes the whole query
+group of its KV head (GQA: every KV block is read once, for all the heads that share it) as the M rows
+of ``tl.dot`` tiles (padded to 16), walks its split of the request's tokens in tiles of ``BLOCK_N``
+(gathered through the block table), and keeps an online softmax in the latent space. Stage 2, grid
+(batch, kv_head): log-sum-exp merge of the splits, then the values are rebuilt once per query head
+(``P_v o_lat + c_v``, a float32 ``tl.dot``) and written in the model dtype.
+
+The split count is fixed by the caller (no data-dependent grid, no host sync: CUDA-graph safe); a
+split that falls past a request's length writes an empty partial (lse = -inf). Scratch: a float32
+buffer of :func:`workspace_numel` elements, preallocatable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_lowrank.formats import SlotLayout
+from vllm_lowrank.transforms import LayerTransforms
+
+from .common import (INT4, interpreted, LOG2E, dot_dtypes, layout_constexprs, load_query, next_pow2, project_queries,
+                     store_output, tile_pv, tile_scores, token_rows, transform_args)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
+    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    block_table_ptr, stride_btb,  # int32 [B, max_blocks]
+    seq_lens_ptr,  # int32 [B]
+    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS, RV], [B, Hq, NUM_SPLITS]
+    qk_scale,  # softmax scale * log2(e)
+    G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    RK: tl.constexpr, RK_TILE: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
+    RV: tl.constexpr, RV_TILE: tl.constexpr,
+    MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Partial attention of one request's query group over one split of its cached tokens."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = tl.num_programs(1) * G
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, G_TILE)
+    g_mask = g < G
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
+    q_a, q_b, q_sum = load_query(q_rows, g_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+
+    m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G_TILE,), dtype=tl.float32)
+    acc_a = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+    acc_b = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+    acc_z = tl.zeros((G_TILE,), dtype=tl.float32)
+
+    bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
+    head_off = h.to(tl.int64) * stride_chead
+    for t0 in range(start, end, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        tok_mask = tok < end
+        rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, stride_ctok, head_off)
+        s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF, K_ZERO_OFF,
+                        RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_a = acc_a * alpha[:, None]
+        if V_STORAGE == INT4:
+            acc_b = acc_b * alpha[:, None]
+            acc_z = acc_z * alpha
+        acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask, V_STORAGE, V_OFF,
+                                      V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, PV_DTYPE, UPCAST)
+        m_i = m_new
+
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+    part = (b * num_q_heads + h * G + g).to(tl.int64) * NUM_SPLITS + split
+    tl.store(part_lse_ptr + part, lse, mask=g_mask)
+    c = tl.arange(0, RV_TILE)
+    o_rows = part_o_ptr + part * RV
+    if V_STORAGE == INT4:
+        o_a = (acc_a + acc_z[:, None]) * inv_l[:, None]
+        o_b = (acc_b + acc_z[:, None]) * inv_l[:, None]
+        tl.store(o_rows[:, None] + 2 * c[None, :], o_a, mask=g_mask[:, None] & (2 * c[None, :] < RV))
+        tl.store(o_rows[:, None] + 2 * c[None, :] + 1, o_b, mask=g_mask[:, None] & (2 * c[None, :] + 1 < RV))
+    else:
+        tl.store(o_rows[:, None] + c[None, :], acc_a * inv_l[:, None], mask=g_mask[:, None] & (c[None, :] < RV))
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS, RV], [B, Hq, NUM_SPLITS]
+    out_ptr, stride_ob, stride_oh,  # [B, Hq, D] model dtype
+    basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
+    G: tl.constexpr, G_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
+    HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+):
+    """Merge the splits of one request's query group by log-sum-exp and write ``P_v o_lat + c_v``."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_q_heads = tl.num_programs(1) * G
+    g = tl.arange(0, G_TILE)
+    g_mask = g < G
+    c = tl.arange(0, RV_TILE)
+    part0 = (b * num_q_heads + h * G + g).to(tl.int64) * NUM_SPLITS
+
+    lse_max = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # an empty request writes zeros
+    o = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+    den = tl.zeros((G_TILE,), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        w = tl.exp2(tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")) - lse_max)
+        o_s = tl.load(part_o_ptr + (part0 + s)[:, None] * RV + c[None, :],
+                      mask=g_mask[:, None] & (c[None, :] < RV), other=0.0)
+        o += w[:, None] * o_s
+        den += w
+    o = o / tl.where(den > 0, den, 1.0)[:, None]
+    out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh
+    store_output(o, o, out_rows, g_mask, basis_ptr, offset_ptr, h, RV, RV_TILE, D, D_TILE, False, HAS_BASIS,
+                 HAS_OFFSET)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None,
+                       max_seq_len: int | None = None, block_n: int = 64) -> int:
+    """A fixed split count that fills the GPU: about 4 programs per SM, a power of two in [1, 64].
+
+    Depends only on the batch shape (and, if given, an upper bound of the context), never on the
+    device's seq_lens: safe to capture in a CUDA graph.
+    """
+    sms = 132
+    if device is not None and torch.device(device).type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = next_pow2(max(1, -(-4 * sms // max(1, batch * num_kv_heads))))
+    if max_seq_len is not None:
+        splits = min(splits, next_pow2(max(1, -(-max_seq_len // (2 * block_n)))))
+    return max(1, min(64, splits))
+
+
+def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits: int) -> int:
+    """float32 elements of decode scratch: partial outputs [B, Hq, S, r_v] and their lse [B, Hq, S]."""
+    return batch * num_q_heads * num_splits * (latent_dim_v + 1)
+
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
+                     out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+    """Batched single-token decode over compressed slots, written into ``out``.
+
+    query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, block_size, H, slot_bytes];
+    block_table: int32 [B, max_blocks]; seq_lens: int32 [B] on the device (request b attends to its first
+    seq_lens[b] tokens). ``workspace``: float32 with at least :func:`workspace_numel` elements (allocated
+    if None). Same result as :func:`vllm_lowrank.reference.decode_attention`.
+    """
+    batch, hq, d = query.shape
+    if batch == 0:
+        return
+    _, block_size, h, slot_bytes = kv_cache.shape
+    assert slot_bytes == layout.slot_bytes and kv_cache.stride(-1) == 1 and out.stride(-1) == 1
+    assert block_table.stride(-1) == 1
+    group = hq // h
+    rv = layout.v.latent_dim
+    if num_splits is None:
+        num_splits = default_num_splits(batch, h, query.device, block_n=block_n)
+    need = workspace_numel(batch, hq, rv, num_splits)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=query.device)
+    assert workspace.dtype == torch.float32 and workspace.numel() >= need, "decode workspace too small"
+    part_o = workspace[:batch * hq * num_splits * rv]
+    part_lse = workspace[batch * hq * num_splits * rv:need]
+
+    q = project_queries(query, transforms.k, h)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    c = layout_constexprs(layout)
+    g_tile = max(16, next_pow2(group))
+    _decode_split_kernel[(batch, h, num_splits)](
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E,
+        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), num_warps=num_warps, num_stages=num_stages)
+
+    basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
+    _decode_merge_kernel[(batch, h)](
+        part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset,
+        G=group, G_TILE=g_tile, NUM_SPLITS=num_splits, RV=rv, RV_TILE=max(16, next_pow2(rv)),
+        D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, num_warps=4)

@@ -1,0 +1,204 @@
+"""Store kernel: encode new tokens' K and V into their compressed slots, in one launch per layer.
+
+The transform ``lat = P^T (x - c)`` runs on the host as one batched matmul (exactly
+:meth:`TensorTransform.project`, so that the bytes equal :func:`vllm_lowrank.codec.encode_layer` bit
+for bit); the kernel then quantizes per token and KV head and writes every field of the slot (payload,
+scale, zero point) at ``slot_mapping`` (slots < 0 are padding and left alone). One program per token,
+all KV heads at once: a [H, r] tile, the quantization is a row reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_lowrank.formats import SlotLayout
+from vllm_lowrank.transforms import LayerTransforms
+
+from .common import (FP8, FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, layout_constexprs, next_pow2,
+                     rint, slot_ptr)
+
+
+@triton.jit
+def _cast_rtne(x, DTYPE: tl.constexpr):
+    """Cast to ``DTYPE`` rounding to nearest, ties to even, as torch does.
+
+    float32 -> bf16 is done on the bits: the interpreter's emulated conversion rounds ties away
+    from zero, and this is exact on every backend (NaN payloads aside).
+    """
+    if x.dtype == DTYPE:
+        return x
+    elif DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _fp8e4m3_bits(y):
+    """e4m3fn bits (uint8) of float32 ``y`` in [-448, 448], rounded to nearest even like torch.
+
+    On the bits rather than with ``.to(tl.float8e4nv)``, whose interpreter emulation rounds ties
+    away from zero: the magnitude is rounded to a multiple of its e4m3 ulp, ``2**(E - 3)`` with
+    ``E = max(exponent, -6)``, and the code is ``(E + 6) * 8 + a / ulp`` (subnormals included; a
+    carry into the next binade lands on the right code).
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    a = tl.abs(y)
+    e = ((a.to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127)
+    e = tl.maximum(e, -6)
+    inv_ulp = ((3 - e + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+    n = rint(a * inv_ulp).to(tl.int32)
+    code = (e + 6) * 8 + n
+    return (code.to(tl.uint32) | ((bits >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _stored_scale(s):
+    """The fp16 scale as the codec stores it, and its float32 value used to divide (never zero)."""
+    s16 = tl.maximum(s, TINY).to(tl.float16)
+    s32 = s16.to(tl.float32)
+    return s16, tl.where(s32 > 0, s32, TINY)
+
+
+@triton.jit
+def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, rows, head_mask,
+                   STORAGE: tl.constexpr, OFF: tl.constexpr, SCALE_OFF: tl.constexpr, ZERO_OFF: tl.constexpr,
+                   R: tl.constexpr, R_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
+    """Quantize the latents of one token [H, R] (rows of ``src``) and write them to slots ``rows``."""
+    hh = tl.arange(0, H_TILE)
+    c = tl.arange(0, R_TILE)
+    src = src_ptr + tok.to(tl.int64) * stride_sn + hh[:, None] * stride_sh
+    if STORAGE == INT4:
+        ev = 2 * c
+        ma = head_mask[:, None] & (ev[None, :] < R)
+        mb = head_mask[:, None] & (ev[None, :] + 1 < R)
+        xa = tl.load(src + ev[None, :], mask=ma, other=0.0).to(tl.float32)
+        xb = tl.load(src + ev[None, :] + 1, mask=mb, other=0.0).to(tl.float32)
+        lo = tl.minimum(tl.min(tl.where(ma, xa, float("inf")), axis=1),
+                        tl.min(tl.where(mb, xb, float("inf")), axis=1))
+        hi = tl.maximum(tl.max(tl.where(ma, xa, float("-inf")), axis=1),
+                        tl.max(tl.where(mb, xb, float("-inf")), axis=1))
+        s16, scale = _stored_scale(tl.math.div_rn(hi - lo, INT4_MAX))
+        z16 = lo.to(tl.float16)
+        zero = z16.to(tl.float32)
+        qa = tl.clamp(rint(tl.math.div_rn(xa - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
+        qb = tl.clamp(rint(tl.math.div_rn(xb - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
+        qa = tl.where(ma, qa, 0.0).to(tl.uint8)
+        qb = tl.where(mb, qb, 0.0).to(tl.uint8)
+        tl.store(cache_ptr + rows[:, None] + OFF + c[None, :], qa | (qb << 4), mask=ma)
+        tl.store(slot_ptr(cache_ptr, rows, SCALE_OFF, tl.float16), s16, mask=head_mask)
+        tl.store(slot_ptr(cache_ptr, rows, ZERO_OFF, tl.float16), z16, mask=head_mask)
+    else:
+        m = head_mask[:, None] & (c[None, :] < R)
+        x = tl.load(src + c[None, :], mask=m, other=0.0)
+        if STORAGE == MODEL:
+            tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, MODEL_DTYPE) + c[None, :], _cast_rtne(x, MODEL_DTYPE), mask=m)
+        else:
+            x = x.to(tl.float32)
+            absmax = tl.max(tl.abs(x), axis=1)
+            if STORAGE == INT8:
+                s16, scale = _stored_scale(tl.math.div_rn(absmax, INT8_MAX))
+                y = tl.math.div_rn(x, scale[:, None])
+                q = tl.clamp(rint(y), -INT8_MAX, INT8_MAX).to(tl.int8)
+                tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, tl.int8) + c[None, :], q, mask=m)
+            else:
+                s16, scale = _stored_scale(tl.math.div_rn(absmax, FP8_MAX))
+                y = tl.math.div_rn(x, scale[:, None])
+                q = _fp8e4m3_bits(tl.clamp(y, -FP8_MAX, FP8_MAX))
+                tl.store(cache_ptr + rows[:, None] + OFF + c[None, :], q, mask=m)
+            tl.store(slot_ptr(cache_ptr, rows, SCALE_OFF, tl.float16), s16, mask=head_mask)
+
+
+@triton.jit
+def _zero_gap(cache_ptr, rows, head_mask, OFF: tl.constexpr, LEN: tl.constexpr, H_TILE: tl.constexpr):
+    """Zero ``LEN`` (< 4) padding bytes at byte ``OFF`` of the slots ``rows``."""
+    if LEN > 0:
+        g = tl.arange(0, 4)
+        tl.store(cache_ptr + rows[:, None] + OFF + g[None, :], tl.zeros((H_TILE, 4), dtype=tl.uint8),
+                 mask=head_mask[:, None] & (g[None, :] < LEN))
+
+
+@triton.jit
+def _store_kernel(
+    k_ptr, stride_kn, stride_kh,  # K source [N, H, RK]: latents (float32) or the raw keys
+    v_ptr, stride_vn, stride_vh,  # V source [N, H, RV]
+    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    slot_mapping_ptr,  # [N] int, < 0: padding
+    H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    RK: tl.constexpr, RK_TILE: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
+    RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+    GAP0: tl.constexpr, GAP0_LEN: tl.constexpr, GAP1: tl.constexpr, GAP1_LEN: tl.constexpr,
+    GAP2: tl.constexpr, GAP2_LEN: tl.constexpr,
+):
+    """One program per token: quantize K and V of all its KV heads and scatter them into its slot.
+
+    Alignment gaps of the slot (``GAPi``: byte offset, ``GAPi_LEN`` < 4 bytes) are zeroed, so every
+    byte of a stored slot is defined, as in the codec.
+    """
+    tok = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    hh = tl.arange(0, H_TILE)
+    head_mask = (hh < H) & (slot >= 0)
+    slot = tl.maximum(slot, 0)
+    rows = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + hh.to(tl.int64) * stride_chead
+    _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, rows, head_mask, K_STORAGE, K_OFF, K_SCALE_OFF,
+                   K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, H_TILE)
+    _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, rows, head_mask, V_STORAGE, V_OFF, V_SCALE_OFF,
+                   V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, H_TILE)
+    _zero_gap(cache_ptr, rows, head_mask, GAP0, GAP0_LEN, H_TILE)
+    _zero_gap(cache_ptr, rows, head_mask, GAP1, GAP1_LEN, H_TILE)
+    _zero_gap(cache_ptr, rows, head_mask, GAP2, GAP2_LEN, H_TILE)
+
+
+def slot_gaps(layout: SlotLayout) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes of a slot that no field covers (alignment padding)."""
+    fields = [(ts.payload_offset, ts.payload_bytes) for ts in (layout.k, layout.v)]
+    for ts in (layout.k, layout.v):
+        fields += [(off, 2) for off in (ts.scale_offset, ts.zero_offset) if off >= 0]
+    covered = [False] * layout.slot_bytes
+    for off, nbytes in fields:
+        covered[off:off + nbytes] = [True] * nbytes
+    gaps: list[tuple[int, int]] = []
+    for i, cov in enumerate(covered):
+        if cov:
+            continue
+        if gaps and gaps[-1][0] + gaps[-1][1] == i:
+            gaps[-1] = (gaps[-1][0], gaps[-1][1] + 1)
+        else:
+            gaps.append((i, 1))
+    assert len(gaps) <= 3 and all(n < 4 for _, n in gaps), f"unexpected slot padding {gaps} in {layout}"
+    return gaps
+
+
+def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+          layout: SlotLayout, transforms: LayerTransforms) -> None:
+    """Encode keys/values [N', H, D] and scatter them to ``slot_mapping`` [N] (slots < 0 are padding).
+
+    Same contract as :func:`vllm_lowrank.reference.store`: the first N = ``slot_mapping.shape[0]``
+    tokens are stored. ``kv_cache``: uint8 [num_blocks, block_size, H, slot_bytes], last dim contiguous.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    num_blocks, block_size, h, slot_bytes = kv_cache.shape
+    assert slot_bytes == layout.slot_bytes and kv_cache.dtype == torch.uint8 and kv_cache.stride(-1) == 1
+    srcs = []
+    for x, tr in ((key[:n], transforms.k), (value[:n], transforms.v)):
+        src = x if tr.is_identity else tr.project(x)  # float32 latents [N, H, r]
+        if src.stride(-1) != 1:
+            src = src.contiguous()
+        srcs.append(src)
+    (ks, vs), c = srcs, layout_constexprs(layout, minimum_tile=1)
+    gaps = slot_gaps(layout) + [(0, 0)] * 3
+    for i, (off, nbytes) in enumerate(gaps[:3]):
+        c[f"GAP{i}"], c[f"GAP{i}_LEN"] = off, nbytes
+    _store_kernel[(n,)](
+        ks, ks.stride(0), ks.stride(1), vs, vs.stride(0), vs.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), slot_mapping,
+        H=h, H_TILE=next_pow2(h), BLOCK_SIZE=block_size, **c, num_warps=4)
