@@ -34,7 +34,7 @@ from . import reference
 from .config import LowRankConfigError, layer_index
 from .plan import LayerState, build_layer_state, plugin_config
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler prints it
 
 BACKEND_PATH = "vllm_lowrank.backend.LowRankBackend"
 
@@ -144,6 +144,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         self.group = num_heads // num_kv_heads
         self.vllm_config = get_current_vllm_config()
         self.config = plugin_config(self.vllm_config)  # parse and check now, at model build
+        logger.info_once("lowrank KV cache formats: %s", self.config.describe(
+            self.vllm_config.model_config.get_total_num_hidden_layers()))
         self.state: LayerState | None = None
 
     def _state(self, layer: AttentionLayer, device: torch.device) -> LayerState:
