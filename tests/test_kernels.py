@@ -61,7 +61,7 @@ def _tol(dtype: torch.dtype, layout: SlotLayout) -> float:
     if dtype == torch.float16 and layout.v.fmt.storage != "model":
         return TOL_SCALED_V_FP16
     return TOL[dtype]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [pytest.param(t, id=str(t).replace("torch.", "")) for t in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 @pytest.fixture
@@ -239,31 +239,62 @@ def test_decode_large_gpu(spec, device, seed):
                       seq_lens=(1, 4000, 333, 2048, 17, 1500), num_splits=16, block_n=64)
 
 
-# ---------------------------------------------------------------------------------------------- oracle
+# ---------------------------------------------------------------------------------------------- prefill
+
+PREFILL_SPECS = ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8", "r16/int8", "r7+int4/r9+fp8"]
 
 
-@pytest.mark.parametrize("spec", ["full", "int8", "int4", "lowrank+int8", "r16/model"])
-def test_reference_matches_float64(spec, seed):
-    """The oracle against float64 attention over K/V rebuilt from the stored latents (P lat + c)."""
-    h, group, d, bs = 2, 2, 64, 16
-    seq_lens = [3, 40, 21]
-    layout, tr = _setup(spec, h, d, torch.float32, "cpu")
-    cache, bt = _paged_requests(seq_lens, h, d, bs, layout, tr, torch.float32, "cpu")
-    q = torch.randn(len(seq_lens), h * group, d)
-    out = torch.empty_like(q)
-    reference.decode_attention(q, cache, bt, torch.tensor(seq_lens), layout, tr, d ** -0.5, out)
-    for i, s in enumerate(seq_lens):
-        k_lat, v_lat = reference.request_latents(cache, bt[i], s, layout)
-        ks, vs = [], []
-        for lat, t in ((k_lat, tr.k), (v_lat, tr.v)):
-            full = lat.double() if t.basis is None else torch.einsum("lhr,hdr->lhd", lat.double(), t.basis.double())
-            if t.offset is not None:
-                full = full + t.offset.double()
-            (ks if t is tr.k else vs).append(full)
-        kk, vv = ks[0].repeat_interleave(group, 1), vs[0].repeat_interleave(group, 1)
-        p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].double(), kk) * d ** -0.5, -1)
-        want = torch.einsum("hl,lhd->hd", p, vv)
-        assert _rel(out[i], want) < 1e-5, f"seed={seed} request {i}"
+def _check_prefill(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16,
+                   seq_q=((40, 7), (1, 1), (45, 45), (33, 16), (20, 1)), rk=24, rv=16, block_m=32, block_n=16):
+    """Requests given as (seq_len, q_len): decodes, whole prompts and continuation chunks."""
+    seq_lens = [s for s, _ in seq_q]
+    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
+    cache, bt = _paged_requests(seq_lens, h, d, block_size, layout, tr, dtype, device)
+    qsl = [0]
+    for _, n in seq_q:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], h * group, d).to(dtype).to(device)
+    ref = torch.empty_like(q)
+    reference.paged_attention(q, cache, bt, seq_lens, qsl, layout, tr, d ** -0.5, ref)
+    out = torch.full_like(q, float("nan"))
+    K.paged_attention(q, cache, bt, torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                      torch.tensor(qsl, dtype=torch.int32, device=device), max(n for _, n in seq_q), layout, tr,
+                      d ** -0.5, out, block_m=block_m, block_n=block_n)
+    assert not out.isnan().any(), f"seed={seed}: output not fully written"
+    err = _rel(out, ref)
+    tol = _tol(dtype, layout)
+    assert err < tol, f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {tol:.0e}"
+    return err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", PREFILL_SPECS)
+def test_prefill_formats(spec, dtype, device, seed):
+    _check_prefill(spec, dtype, device, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(d=128, rk=48, rv=64, group=4, block_size=32, spec="lowrank+fp8", dtype=torch.bfloat16, block_m=32),
+    dict(d=64, group=1, block_size=128, spec="int4", dtype=torch.float16, block_n=32),
+    dict(d=64, group=8, spec="hadamard+int8/int8", dtype=torch.float32, block_m=64, block_n=32,
+         seq_q=((50, 50), (9, 3))),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k not in ("dtype", "seq_q"))
+   + f"-{c['dtype']}".replace("torch.", ""))
+def test_prefill_shapes(case, device, seed):
+    case = dict(case)
+    spec, dtype = case.pop("spec"), case.pop("dtype")
+    _check_prefill(spec, dtype, device, seed, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", [DEVICES[1]])
+@pytest.mark.parametrize("spec", ["full", "int8", "int4", "lowrank+int8"])
+def test_prefill_large_gpu(spec, device, seed):
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_prefill(spec, dtype, device, seed, h=8, group=4, d=128, rk=64, rv=64, block_m=64, block_n=64,
+                       seq_q=((3000, 512), (700, 700), (1, 1), (2049, 100), (513, 17)))
 
 
 @pytest.mark.skipif(not _SUBPROCESS, reason="only when Triton was imported in compiled mode before this module")

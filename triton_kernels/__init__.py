@@ -8,6 +8,7 @@ Same contracts as the PyTorch oracle in :mod:`vllm_lowrank.reference`.
 """
 
 from .decode import decode_attention, default_num_splits, workspace_numel
+from .prefill import paged_attention
 from .store import store
 
-__all__ = ["decode_attention", "default_num_splits", "store", "workspace_numel"]
+__all__ = ["decode_attention", "default_num_splits", "paged_attention", "store", "workspace_numel"]

@@ -1,0 +1,140 @@
+"""Prefill kernel: causal attention of query chunks over their compressed paged context.
+
+For chunked-prefill continuations, prefix-cache hits and evaluation runs that attend over the stored
+compressed K/V. Query token ``i`` of request ``b`` sits at position ``seq_len - q_len + i`` and sees
+cached tokens ``0 .. position`` (the chunk's own tokens must already be stored).
+
+Grid (request, query tile, kv_head). A program's M rows are ``BLOCK_Q`` query tokens x the query group
+of its KV head (GQA: each cached tile is read once for the whole group and ``BLOCK_Q`` tokens), padded
+to a power of two; it walks the cached tokens up to its last query's position in tiles of ``BLOCK_N``
+(block-table gather, the same dequantizing helpers as decode), keeps an online softmax in the latent
+space and writes ``P_v o_lat + c_v``. No decompressed copy of the context is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_lowrank.formats import SlotLayout
+from vllm_lowrank.transforms import LayerTransforms
+
+from .common import (INT4, LOG2E, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
+                     project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, stride_qt, stride_qh,  # queries [T, Hq, RK]: projected (float32) or raw (model dtype)
+    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    block_table_ptr, stride_btb,  # int32 [num_reqs, max_blocks]
+    seq_lens_ptr, query_start_ptr,  # int32 [num_reqs], [num_reqs + 1]
+    out_ptr, stride_ot, stride_oh,  # [T, Hq, D] model dtype
+    basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
+    qk_scale,  # softmax scale * log2(e)
+    G: tl.constexpr, G_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    RK: tl.constexpr, RK_TILE: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
+    RV: tl.constexpr, RV_TILE: tl.constexpr,
+    MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+):
+    """Attention of ``BLOCK_Q`` query tokens x one query group over their causal compressed context."""
+    b = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    h = tl.program_id(2)
+    M: tl.constexpr = BLOCK_Q * G_P2
+
+    q0 = tl.load(query_start_ptr + b)
+    q_len = tl.load(query_start_ptr + b + 1) - q0
+    seq_len = tl.load(seq_lens_ptr + b)
+    first = q_tile * BLOCK_Q
+    if first < q_len:
+        r = tl.arange(0, M)
+        qi = first + r // G_P2  # query token index within the request
+        g = r % G_P2
+        row_mask = (qi < q_len) & (g < G)
+        pos = seq_len - q_len + tl.minimum(qi, q_len - 1)  # padding rows reuse the last token's position
+        q_rows = q_ptr + (q0 + tl.minimum(qi, q_len - 1)).to(tl.int64) * stride_qt + (h * G + g) * stride_qh
+        q_a, q_b, q_sum = load_query(q_rows, row_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+
+        m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((M,), dtype=tl.float32)
+        acc_a = tl.zeros((M, RV_TILE), dtype=tl.float32)
+        acc_b = tl.zeros((M, RV_TILE), dtype=tl.float32)
+        acc_z = tl.zeros((M,), dtype=tl.float32)
+
+        bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
+        head_off = h.to(tl.int64) * stride_chead
+        end = seq_len - q_len + tl.minimum(first + BLOCK_Q, q_len)  # past the tile's last position
+        for t0 in range(0, end, BLOCK_N):
+            tok = t0 + tl.arange(0, BLOCK_N)
+            tok_mask = tok < end
+            rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, stride_ctok, head_off)
+            s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF,
+                            K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
+            s = tl.where(tok_mask[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc_a = acc_a * alpha[:, None]
+            if V_STORAGE == INT4:
+                acc_b = acc_b * alpha[:, None]
+                acc_z = acc_z * alpha
+            acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask, V_STORAGE, V_OFF,
+                                          V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, PV_DTYPE, UPCAST)
+            m_i = m_new
+
+        inv_l = 1.0 / l_i  # every row sees at least token 0
+        out_rows = out_ptr + (q0 + qi).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
+        if V_STORAGE == INT4:
+            store_output((acc_a + acc_z[:, None]) * inv_l[:, None], (acc_b + acc_z[:, None]) * inv_l[:, None],
+                         out_rows, row_mask, basis_ptr, offset_ptr, h, RV, RV_TILE, D, D_TILE, True, HAS_BASIS,
+                         HAS_OFFSET)
+        else:
+            o = acc_a * inv_l[:, None]
+            store_output(o, o, out_rows, row_mask, basis_ptr, offset_ptr, h, RV, RV_TILE, D, D_TILE, False,
+                         HAS_BASIS, HAS_OFFSET)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+                    layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor,
+                    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+    """Causal attention of every query token over its request's compressed context, into ``out``.
+
+    Like :func:`vllm_lowrank.reference.paged_attention`, except that ``seq_lens`` [R] and
+    ``query_start_loc`` [R + 1] are int32 tensors on the device (not lists) and ``max_query_len`` (a
+    host int, an upper bound of the chunks' lengths) sizes the grid. query/out: [T, Hq, D] (last dim
+    contiguous); ``seq_lens[i]`` counts request i's context including its new tokens.
+    """
+    num_reqs = seq_lens.shape[0]
+    if num_reqs == 0 or max_query_len == 0:
+        return
+    t, hq, d = query.shape
+    _, block_size, h, slot_bytes = kv_cache.shape
+    assert slot_bytes == layout.slot_bytes and kv_cache.stride(-1) == 1 and out.stride(-1) == 1
+    assert block_table.stride(-1) == 1
+    group = hq // h
+    g_p2 = next_pow2(group)
+    block_q = max(1, block_m // g_p2)
+    block_q = min(block_q, max(1, next_pow2(max_query_len)))  # short chunks: fewer padded rows
+    block_q = max(block_q, -(-16 // g_p2))  # M = block_q * g_p2 >= 16 for tl.dot
+
+    q = project_queries(query, transforms.k, h)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    basis, offset, has_basis, has_offset = transform_args(transforms.v, q)
+    grid = (num_reqs, triton.cdiv(max_query_len, block_q), h)
+    _prefill_kernel[grid](
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table, block_table.stride(0), seq_lens, query_start_loc, out, out.stride(0), out.stride(1),
+        basis, offset, scale * LOG2E,
+        G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d,
+        D_TILE=max(16, next_pow2(d)), **layout_constexprs(layout), **dot_dtypes(layout),
+        UPCAST=interpreted(_prefill_kernel), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
+        num_warps=num_warps, num_stages=num_stages)
