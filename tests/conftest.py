@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from vllm_lowrank.engine import kv_cache_tokens, vllm_llm  # noqa: F401  (re-exported to the tests)
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,28 +20,14 @@ def smollm2() -> Path:
     return smollm2()
 
 
-@contextlib.contextmanager
-def vllm_engine(model: Path, **kwargs) -> Iterator["object"]:
-    """An offline ``LLM`` (float32, eager, seeded) that is shut down on exit, freeing its processes."""
-    from vllm import LLM
+def vllm_engine(model: Path, **kwargs):
+    """An offline ``LLM`` (float32, eager, seeded, block size 16) that is shut down on exit.
 
-    args = dict(dtype="float32", enforce_eager=True, seed=0, max_model_len=768, block_size=16,
-                kv_cache_memory_bytes=64 << 20, disable_log_stats=False)
+    Keyword arguments go to ``LLM``; without ``attention_backend`` it is vLLM's own backend.
+    """
+    args = dict(dtype="float32", max_model_len=768, kv_cache_memory_bytes=64 << 20, disable_log_stats=False)
     args.update(kwargs)
-    llm = LLM(str(model), **args)
-    try:
-        yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-
-
-def kv_cache_tokens(llm) -> int:
-    """vLLM's own KV cache capacity in tokens (what it logs as 'GPU KV cache size')."""
-    cc = llm.llm_engine.vllm_config.cache_config
-    return cc.num_gpu_blocks * cc.block_size
+    return vllm_llm(model, backend=None, **args)
 
 
 REAL_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""vLLM's own throughput benchmark, side by side: vLLM's KV cache options against this plugin's formats.
+
+One table per command: every variant runs ``vllm bench throughput`` (random dataset, dummy weights of a
+model shape, fixed ``--kv-cache-memory-bytes``) one after another in this process's machine, so all
+ratios come from one run. Printed last: KV cache size in tokens, maximum concurrency, requests/s,
+output tokens/s, and ratios to ``auto`` and to ``fp8``. Runs on a GPU (each variant starts an engine:
+about two minutes with compilation and CUDA graphs).
+
+Shapes: ``1b`` (hidden 2048, 16 layers, 32/8 heads, head_dim 64, vocab 128256; the reference table of
+shared/gpu/README.md), ``8b`` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, head_dim 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+VLLM_VARIANTS = ["auto", "fp8", "int8_per_token_head", "int4_per_token_head"]
+
+
+def plugin_variants(head_dim: int) -> dict[str, dict]:
+    """This plugin's formats: int8, fp8, int4, and low rank at about 2x, 4x and 8x."""
+    d = head_dim
+    return {
+        "lr:int8": {"format": "int8"},
+        "lr:fp8": {"format": "fp8"},
+        "lr:int4": {"format": "int4"},
+        "lr:lowrank-2x": {"format": "lowrank", "rank_k": d // 2, "rank_v": d // 2},
+        "lr:lowrank+int8-4x": {"format": "lowrank+int8", "rank_k": d // 2 - 2, "rank_v": d // 2 - 2},
+        "lr:lowrank+int8-8x": {"format": "lowrank+int8", "rank_k": d // 4 - 2, "rank_v": d // 4 - 2},
+    }
+
+
+def make_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A model folder with the shape's config.json (dummy weights) and a borrowed tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+           "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def make_basis(model: Path, shape: str, out: Path) -> Path:
+    from vllm_lowrank.basis import orthonormal_basis_file
+
+    s = SHAPES[shape]
+    orthonormal_basis_file(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"],
+                           model=f"random orthonormal for the {shape} shape").save(out)
+    return out
+
+
+def run_variant(vllm: str, model: Path, name: str, extra: list[str], args, logdir: Path) -> dict:
+    js = logdir / f"{name.replace(':', '_')}.json"
+    cmd = [vllm, "bench", "throughput", "--model", str(model), "--load-format", "dummy",
+           "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+           "--max-model-len", str(args.max_model_len), "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
+           "--output-json", str(js), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (logdir / f"{name.replace(':', '_')}.log").write_text(" ".join(cmd) + "\n\n" + log)
+    row = {"variant": name, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
+    m = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    row["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
+    row["max_concurrency"] = float(m.group(1)) if m else None
+    m = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s", log)
+    if m:
+        row.update(requests_per_s=float(m.group(1)), total_tokens_per_s=float(m.group(2)),
+                   output_tokens_per_s=float(m.group(3)))
+    if proc.returncode:
+        row["error"] = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    by = {r["variant"]: r for r in rows}
+
+    def ratio(r, base, key):
+        b = by.get(base, {}).get(key)
+        return f"{r[key] / b:.2f}" if r.get(key) and b else "-"
+
+    print(f"\n{'variant':<22} {'KV tokens':>10} {'max conc':>9} {'req/s':>8} {'out tok/s':>10} "
+          f"{'x auto':>7} {'x fp8':>7} {'KV x auto':>9}")
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['variant']:<22} ERROR rc={r['rc']}: {r['error']}")
+            continue
+        print(f"{r['variant']:<22} {r['kv_tokens'] or 0:>10,} {r['max_concurrency'] or 0:>9.2f} "
+              f"{r.get('requests_per_s', 0):>8.2f} {r.get('output_tokens_per_s', 0):>10,.0f} "
+              f"{ratio(r, 'auto', 'output_tokens_per_s'):>7} {ratio(r, 'fp8', 'output_tokens_per_s'):>7} "
+              f"{ratio(r, 'auto', 'kv_tokens'):>9}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--tokenizer", type=Path, default=Path("/tmp/smollm2"), help="folder with a tokenizer")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
+                         "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x)")
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = ap.parse_args()
+
+    from tqdm import tqdm
+
+    vllm = shutil.which("vllm") or sys.exit("the vllm command is not on PATH")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.shape, args.tokenizer, args.out / f"model-{args.shape}")
+    basis = make_basis(model, args.shape, args.out / f"basis-{args.shape}.safetensors")
+    ours = plugin_variants(SHAPES[args.shape]["head_dim"])
+    variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
+    for name, settings in ours.items():
+        if settings["format"].startswith("lowrank"):
+            settings = {**settings, "basis": str(basis)}
+        variants[name] = ["--attention-backend", "lowrank", "--additional-config", json.dumps({"lowrank": settings})]
+    chosen = args.variants.split(",") if args.variants else list(variants)
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(variants)}")
+    rows = []
+    for name in tqdm(chosen, desc=f"vllm bench throughput ({args.shape})"):
+        rows.append(run_variant(vllm, model, name, variants[name], args, args.out))
+        (args.out / f"throughput-{args.shape}.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
+          f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
