@@ -14,6 +14,8 @@ buffer of :func:`workspace_numel` elements, preallocatable.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -28,13 +30,13 @@ from .common import (INT4, interpreted, LOG2E, dot_dtypes, layout_constexprs, lo
 @triton.jit
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
-    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
     block_table_ptr, stride_btb,  # int32 [B, max_blocks]
     seq_lens_ptr,  # int32 [B]
-    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS, RV], [B, Hq, NUM_SPLITS]
+    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     qk_scale,  # softmax scale * log2(e)
+    num_splits,  # splits per request (= grid dim 2)
     G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
     RK: tl.constexpr, RK_TILE: tl.constexpr,
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
@@ -48,7 +50,7 @@ def _decode_split_kernel(
     num_q_heads = tl.num_programs(1) * G
 
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -64,11 +66,11 @@ def _decode_split_kernel(
     acc_z = tl.zeros((G_TILE,), dtype=tl.float32)
 
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
-    head_off = h.to(tl.int64) * stride_chead
+    head_off = h.to(tl.int64) * STRIDE_CHEAD
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < end
-        rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, stride_ctok, head_off)
+        rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, STRIDE_CTOK, head_off)
         s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF, K_ZERO_OFF,
                         RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
         s = tl.where(tok_mask[None, :], s, float("-inf"))
@@ -86,7 +88,7 @@ def _decode_split_kernel(
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
-    part = (b * num_q_heads + h * G + g).to(tl.int64) * NUM_SPLITS + split
+    part = (b * num_q_heads + h * G + g).to(tl.int64) * num_splits + split
     tl.store(part_lse_ptr + part, lse, mask=g_mask)
     c = tl.arange(0, RV_TILE)
     o_rows = part_o_ptr + part * RV
@@ -101,10 +103,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS, RV], [B, Hq, NUM_SPLITS]
+    part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     out_ptr, stride_ob, stride_oh,  # [B, Hq, D] model dtype
     basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
-    G: tl.constexpr, G_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    num_splits,
+    G: tl.constexpr, G_TILE: tl.constexpr,
     RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
 ):
@@ -115,15 +118,15 @@ def _decode_merge_kernel(
     g = tl.arange(0, G_TILE)
     g_mask = g < G
     c = tl.arange(0, RV_TILE)
-    part0 = (b * num_q_heads + h * G + g).to(tl.int64) * NUM_SPLITS
+    part0 = (b * num_q_heads + h * G + g).to(tl.int64) * num_splits
 
     lse_max = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # an empty request writes zeros
     o = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
     den = tl.zeros((G_TILE,), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         w = tl.exp2(tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")) - lse_max)
         o_s = tl.load(part_o_ptr + (part0 + s)[:, None] * RV + c[None, :],
                       mask=g_mask[:, None] & (c[None, :] < RV), other=0.0)
@@ -135,6 +138,11 @@ def _decode_merge_kernel(
                  HAS_OFFSET)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None,
                        max_seq_len: int | None = None, block_n: int = 64) -> int:
     """A fixed split count that fills the GPU: about 4 programs per SM, a power of two in [1, 64].
@@ -142,9 +150,7 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str
     Depends only on the batch shape (and, if given, an upper bound of the context), never on the
     device's seq_lens: safe to capture in a CUDA graph.
     """
-    sms = 132
-    if device is not None and torch.device(device).type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(torch.device(device)) if device is not None and torch.device(device).type == "cuda" else 132
     splits = next_pow2(max(1, -(-4 * sms // max(1, batch * num_kv_heads))))
     if max_seq_len is not None:
         splits = min(splits, next_pow2(max(1, -(-max_seq_len // (2 * block_n)))))
@@ -191,12 +197,12 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     g_tile = max(16, next_pow2(group))
     _decode_split_kernel[(batch, h, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E,
-        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
+        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), num_warps=num_warps, num_stages=num_stages)
 
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     _decode_merge_kernel[(batch, h)](
-        part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset,
-        G=group, G_TILE=g_tile, NUM_SPLITS=num_splits, RV=rv, RV_TILE=max(16, next_pow2(rv)),
+        part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
+        G=group, G_TILE=g_tile, RV=rv, RV_TILE=max(16, next_pow2(rv)),
         D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, num_warps=4)

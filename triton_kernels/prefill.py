@@ -27,7 +27,7 @@ from .common import (INT4, LOG2E, dot_dtypes, interpreted, layout_constexprs, lo
 @triton.jit
 def _prefill_kernel(
     q_ptr, stride_qt, stride_qh,  # queries [T, Hq, RK]: projected (float32) or raw (model dtype)
-    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
     block_table_ptr, stride_btb,  # int32 [num_reqs, max_blocks]
     seq_lens_ptr, query_start_ptr,  # int32 [num_reqs], [num_reqs + 1]
     out_ptr, stride_ot, stride_oh,  # [T, Hq, D] model dtype
@@ -68,12 +68,12 @@ def _prefill_kernel(
         acc_z = tl.zeros((M,), dtype=tl.float32)
 
         bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
-        head_off = h.to(tl.int64) * stride_chead
+        head_off = h.to(tl.int64) * STRIDE_CHEAD
         end = seq_len - q_len + tl.minimum(first + BLOCK_Q, q_len)  # past the tile's last position
         for t0 in range(0, end, BLOCK_N):
             tok = t0 + tl.arange(0, BLOCK_N)
             tok_mask = tok < end
-            rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, stride_ctok, head_off)
+            rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, STRIDE_CTOK, head_off)
             s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF,
                             K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
             s = tl.where(tok_mask[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))

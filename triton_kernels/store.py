@@ -126,7 +126,7 @@ def _zero_gap(cache_ptr, rows, head_mask, OFF: tl.constexpr, LEN: tl.constexpr, 
 def _store_kernel(
     k_ptr, stride_kn, stride_kh,  # K source [N, H, RK]: latents (float32) or the raw keys
     v_ptr, stride_vn, stride_vh,  # V source [N, H, RV]
-    cache_ptr, stride_cblk, stride_ctok, stride_chead,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
     slot_mapping_ptr,  # [N] int, < 0: padding
     H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
@@ -146,7 +146,7 @@ def _store_kernel(
     hh = tl.arange(0, H_TILE)
     head_mask = (hh < H) & (slot >= 0)
     slot = tl.maximum(slot, 0)
-    rows = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + hh.to(tl.int64) * stride_chead
+    rows = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * STRIDE_CTOK + hh.to(tl.int64) * STRIDE_CHEAD
     _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, rows, head_mask, K_STORAGE, K_OFF, K_SCALE_OFF,
                    K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, H_TILE)
     _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, rows, head_mask, V_STORAGE, V_OFF, V_SCALE_OFF,
