@@ -27,7 +27,7 @@ from .common import (INT4, interpreted, LOG2E, dot_dtypes, layout_constexprs, lo
                      store_output, tile_pv, tile_scores, token_rows, transform_args)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
     cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
@@ -101,7 +101,7 @@ def _decode_split_kernel(
         tl.store(o_rows[:, None] + c[None, :], acc_a * inv_l[:, None], mask=g_mask[:, None] & (c[None, :] < RV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     out_ptr, stride_ob, stride_oh,  # [B, Hq, D] model dtype
