@@ -5,7 +5,8 @@ The KV cache of a layer is a uint8 tensor [num_blocks, block_size, num_kv_heads,
 spec that vLLM sees (``patches/kv_cache_spec.py``) has ``head_size = slot_bytes / 2`` so that its
 page size is the compressed one. K/V are stored by ``do_kv_cache_update`` before ``forward``.
 
-This module runs the plain PyTorch path of :mod:`vllm_lowrank.reference`; it is what runs on the CPU.
+On CUDA the Triton kernels of :mod:`vllm_lowrank.kernels` store and attend; elsewhere (the CPU) the
+plain PyTorch path of :mod:`vllm_lowrank.reference` does, with the same contracts.
 """
 
 from __future__ import annotations
@@ -93,12 +94,18 @@ class LowRankMetadata(AttentionMetadata):
 
 
 class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # decode-only batches run the Triton decode kernel with a fixed split count and no host syncs
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> LowRankMetadata:
+        md = self.build(0, common_attn_metadata)
+        md.seq_lens.fill_(1)  # capture is fast with short contexts; replay reads the real seq_lens
+        return md
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LowRankMetadata:
@@ -160,9 +167,9 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         if n == 0:
             return
         st = self._state(layer, key.device)
-        reference.store(key[:n].view(n, self.num_kv_heads, self.head_size),
-                        value[:n].view(n, self.num_kv_heads, self.head_size),
-                        kv_cache, slot_mapping, st.layout, st.transforms)
+        _ops(key.device).store(key[:n].view(n, self.num_kv_heads, self.head_size),
+                               value[:n].view(n, self.num_kv_heads, self.head_size),
+                               kv_cache, slot_mapping, st.layout, st.transforms)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: LowRankMetadata | None, output: torch.Tensor,
@@ -180,22 +187,10 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
 
         nd, ndt = md.num_decodes, md.num_decode_tokens
         if nd:
-            reference.decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd],
-                                       st.layout, st.transforms, self.scale, out[:ndt])
-        qsl = md.query_start_loc_cpu.tolist()
-        seq_lens = md.seq_lens_cpu.tolist()
-        for i in range(nd, md.num_reqs):
-            q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
-            if q1 <= q0:
-                continue
-            if length == q1 - q0 and not self.config.prefill_from_cache:
-                # first chunk of a prompt: its own K/V, exact
-                k = key[q0:q1].view(-1, self.num_kv_heads, self.head_size)
-                v = value[q0:q1].view(-1, self.num_kv_heads, self.head_size)
-                out[q0:q1] = reference.exact_causal_attention(q[q0:q1], k, v, self.scale).to(out.dtype)
-            else:
-                reference.paged_attention(q[q0:q1], kv_cache, md.block_table[i:i + 1], [length], [0, q1 - q0],
-                                          st.layout, st.transforms, self.scale, out[q0:q1])
+            _ops(q.device).decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd],
+                                            st.layout, st.transforms, self.scale, out[:ndt])
+        if md.num_reqs > nd:
+            self._prefill(md, q, key, value, kv_cache, st, out)
         if output.shape[0] > n:
             output[n:].zero_()
         if self.config.calibrate:
@@ -204,3 +199,56 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             observe(layer_index(layer.layer_name), q, key[:n].view(n, self.num_kv_heads, self.head_size),
                     value[:n].view(n, self.num_kv_heads, self.head_size), md.positions[:n])
         return output
+
+    def _prefill(self, md: LowRankMetadata, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
+        """Requests after the decodes: a prompt's first chunk attends to its own exact K/V; continuation
+        chunks and prefix-cache hits read the compressed cache (all of them, with prefill_from_cache)."""
+        qsl = md.query_start_loc_cpu.tolist()
+        seq_lens = md.seq_lens_cpu.tolist()
+        paged: list[int] = []
+        for i in range(md.num_decodes, md.num_reqs):
+            q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
+            if q1 <= q0:
+                continue
+            if length == q1 - q0 and not self.config.prefill_from_cache:
+                k = key[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+                v = value[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+                out[q0:q1] = reference.exact_causal_attention(q[q0:q1], k, v, self.scale).to(out.dtype)
+            else:
+                paged.append(i)
+        if not paged:
+            return
+        if q.device.type != "cuda":
+            for i in paged:
+                q0, q1 = qsl[i], qsl[i + 1]
+                reference.paged_attention(q[q0:q1], kv_cache, md.block_table[i:i + 1], [seq_lens[i]],
+                                          [0, q1 - q0], st.layout, st.transforms, self.scale, out[q0:q1])
+            return
+        from . import kernels
+
+        for a, b in _runs(paged):  # one launch per contiguous run of requests (usually one)
+            max_q = max(qsl[i + 1] - qsl[i] for i in range(a, b))
+            kernels.paged_attention(q, kv_cache, md.block_table[a:b], md.seq_lens[a:b],
+                                    md.query_start_loc[a:b + 1], max_q, st.layout, st.transforms,
+                                    self.scale, out)
+
+
+def _ops(device: torch.device):
+    """The Triton kernels on CUDA, the plain PyTorch path elsewhere (same contracts)."""
+    if device.type == "cuda":
+        from . import kernels
+
+        return kernels
+    return reference
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of sorted integers."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

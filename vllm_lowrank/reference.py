@@ -61,11 +61,15 @@ def attend_latent(q_lat: torch.Tensor, k_lat: torch.Tensor, v_lat: torch.Tensor,
 
 
 def exact_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of a whole prompt over its own uncompressed K/V: q [Q, Hq, D], k/v [Q, H, D]."""
+    """Causal attention of a whole prompt over its own uncompressed K/V: q [Q, Hq, D], k/v [Q, H, D].
+
+    Float32 on the CPU; the model dtype elsewhere (SDPA's flash kernels on CUDA).
+    """
     group = q.shape[1] // k.shape[1]
+    dt = torch.float32 if q.device.type == "cpu" else q.dtype
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1).float(), k.repeat_interleave(group, 1).transpose(0, 1).float(),
-        v.repeat_interleave(group, 1).transpose(0, 1).float(), is_causal=True, scale=scale)
+        q.transpose(0, 1).to(dt), k.repeat_interleave(group, 1).transpose(0, 1).to(dt),
+        v.repeat_interleave(group, 1).transpose(0, 1).to(dt), is_causal=True, scale=scale)
     return out.transpose(0, 1)
 
 
