@@ -297,6 +297,57 @@ def test_prefill_large_gpu(spec, device, seed):
                        seq_q=((3000, 512), (700, 700), (1, 1), (2049, 100), (513, 17)))
 
 
+# --------------------------------------------------------------------------------------------- real K/V
+
+
+def _calibrated(spec: str, k: torch.Tensor, v: torch.Tensor, rk: int, rv: int):
+    """Layout and transforms with offsets = per-head means and bases = principal directions of k/v."""
+    fmt = _fmt(spec, rk, rv)
+    h, d = k.shape[1], k.shape[2]
+    trs = []
+    for f, x in ((fmt.k, k), (fmt.v, v)):
+        x = x.double().cpu()
+        mean = x.mean(0)
+        cov = torch.einsum("nhd,nhe->hde", x - mean, x - mean)
+        basis = torch.linalg.eigh(cov)[1].flip(-1).float()  # [H, D, D], leading directions first
+        trs.append(build_tensor_transform(f, h, d, basis, mean.float()))
+    return SlotLayout.build(fmt, d, k.dtype), LayerTransforms(*trs).to(k.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", ["int4", "lowrank+fp8"])
+def test_real_kv(real_qkv, spec, device, seed):
+    """Real SmolLM2 post-RoPE Q/K/V (bf16), stored by the kernel (bytes equal to the oracle's), then
+    prefill over the whole prompt and decode of its last token, against the oracle on that cache.
+    Offsets and bases as calibration makes them (mean and principal directions of the same K/V)."""
+    bs, d, dtype = 16, 64, torch.bfloat16
+    for layer in (0, 7):
+        q, k, v = (t.to(dtype).to(device) for t in real_qkv[layer])
+        n, h = k.shape[0], k.shape[1]
+        layout, tr = _calibrated(spec, k, v, rk=32, rv=32)
+        nblk = -(-n // bs)
+        table = torch.randperm(nblk + 2)[None, :nblk].int().to(device)
+        slots = reference.gather_slots(table[0], n, bs)
+        cache = torch.zeros(nblk + 2, bs, h, layout.slot_bytes, dtype=torch.uint8, device=device)
+        ref_cache = torch.zeros_like(cache)
+        K.store(k, v, cache, slots, layout, tr)
+        reference.store(k, v, ref_cache, slots, layout, tr)
+        if layout.k.fmt.transform != "basis" and layout.v.fmt.transform != "basis":
+            assert torch.equal(cache, ref_cache), f"seed={seed} layer {layer}: stored bytes differ"
+        tol = _tol(dtype, layout)
+        ref, out = torch.empty_like(q), torch.full_like(q, float("nan"))
+        reference.paged_attention(q, cache, table, [n], [0, n], layout, tr, d ** -0.5, ref)
+        qsl = torch.tensor([0, n], dtype=torch.int32, device=device)
+        sl = torch.tensor([n], dtype=torch.int32, device=device)
+        K.paged_attention(q, cache, table, sl, qsl, n, layout, tr, d ** -0.5, out, block_m=64, block_n=32)
+        err = _rel(out, ref)
+        assert not out.isnan().any() and err < tol, f"seed={seed} layer {layer} prefill: {err:.2e}"
+        out1 = torch.full_like(q[-1:], float("nan"))
+        K.decode_attention(q[-1:], cache, table, sl, layout, tr, d ** -0.5, out1, num_splits=2, block_n=32)
+        err = _rel(out1, ref[-1:])
+        assert not out1.isnan().any() and err < tol, f"seed={seed} layer {layer} decode: {err:.2e}"
+
+
 @pytest.mark.skipif(not _SUBPROCESS, reason="only when Triton was imported in compiled mode before this module")
 def test_interpreter_subprocess():
     """Run this module in a fresh interpreter-mode Python (Triton was imported earlier without it)."""
