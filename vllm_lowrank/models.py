@@ -31,7 +31,12 @@ def _package_file(package: str, name: str) -> Path:
 
 
 def smollm2(dtype: str = "bfloat16") -> Path:
-    """Path of a Hugging Face folder of SmolLM2-135M-Instruct in ``dtype``; made on first use."""
+    """Path of a Hugging Face folder of SmolLM2-135M-Instruct in ``dtype``; made on first use.
+
+    ``$VLLM_LOWRANK_SMOLLM2`` names an existing folder to use instead (the GPU kit converts one).
+    """
+    if os.environ.get("VLLM_LOWRANK_SMOLLM2"):
+        return Path(os.environ["VLLM_LOWRANK_SMOLLM2"])
     out = models_dir() / f"smollm2-135m-instruct-{dtype}"
     if (out / "config.json").is_file():
         return out
