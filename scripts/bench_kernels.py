@@ -12,8 +12,9 @@ shape (32 / 8, head_dim 64), block size 16, random paged block tables, batch 1/1
   achieved bandwidth against a device-to-device copy measured in the same run, and time ratios;
 - our store kernel's cost per token, and against our decode step at batch 64 x 8k.
 
-Times are medians of ``triton.testing.do_bench``; each timed call uses the next of several block
-tables over disjoint blocks so that the working set is larger than L2. A variant that fails or does not
+Times are medians of ``triton.testing.do_bench_cudagraph`` (decode runs under CUDA graphs in vLLM; no
+host launch overhead): one graph runs the call over several block tables of disjoint blocks, together
+larger than L2, and the time is divided by their number (``--eager`` for plain ``do_bench``). A variant that fails or does not
 fit prints an error row and the run goes on. All numbers go to a JSON file (``--out``, default
 ``$OUT/bench_kernels.json``); the short table comes last.
 """
@@ -49,8 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
-    p.add_argument("--rep", type=int, default=40, help="do_bench repetition time per variant (ms)")
-    p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up time per variant (ms)")
+    p.add_argument("--rep", type=int, default=10, help="do_bench_cudagraph repetition time per variant (ms)")
+    p.add_argument("--warmup", type=int, default=10, help="eager do_bench warm-up time (ms)")
+    p.add_argument("--eager", action="store_true", help="time without CUDA graphs (includes launch overhead)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM's kernels")
     p.add_argument("--no-tune", action="store_true", help="skip the tile sweep; use the kernel defaults")
     p.add_argument("--formats", default=None, help="comma list of our format names to run (default: all)")
@@ -62,13 +64,30 @@ def parse_args() -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def bench(fn: Callable[[], None], args) -> float:
-    """Median milliseconds of ``fn`` (do_bench; L2 is flushed by do_bench between calls too)."""
+def bench(call: Callable[[torch.Tensor], None], tables: list[torch.Tensor], args) -> tuple[float, str]:
+    """Median milliseconds of one ``call(block_table)``, run over every table in turn.
+
+    As vLLM runs decode: captured in a CUDA graph (``do_bench_cudagraph``, no host launch overhead), one
+    graph replaying the calls over all tables (disjoint blocks, together larger than L2) and the time
+    divided by their number. Falls back to eager ``do_bench`` (which flushes L2 itself) if capture fails.
+    """
     import triton
 
-    fn()
+    def all_tables() -> None:
+        for t in tables:
+            call(t)
+
+    all_tables()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
+    if not args.eager:
+        try:
+            ms = triton.testing.do_bench_cudagraph(all_tables, rep=args.rep, return_mode="median")
+            return float(ms) / len(tables), "cudagraph"
+        except Exception as e:  # noqa: BLE001
+            print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing eagerly)", flush=True)
+            torch.cuda.synchronize()
+    ms = triton.testing.do_bench(all_tables, warmup=args.warmup, rep=4 * args.rep, return_mode="median")
+    return float(ms) / len(tables), "eager"
 
 
 def copy_bandwidth() -> float:
@@ -126,7 +145,7 @@ class Problem:
         return self.batch * self.ctx
 
     def sets_for(self, bytes_per_set: int) -> int:
-        return max(1, min(16, math.ceil(3 * L2_BYTES / max(1, bytes_per_set))))
+        return max(1, min(64, math.ceil(3 * L2_BYTES / max(1, bytes_per_set))))
 
     def prepare(self, max_token_head_bytes: int) -> None:
         bpr = self.ctx // BLOCK_SIZE
@@ -150,14 +169,6 @@ class Problem:
         item = torch.empty((), dtype=dtype).element_size()
         return self.pool[:nbytes].view(dtype).view(nb, BLOCK_SIZE, self.h, token_head_bytes // item)
 
-    def rotating(self, call: Callable[[torch.Tensor], None]) -> Callable[[], None]:
-        state = [0]
-
-        def fn() -> None:
-            call(self.tables[state[0] % len(self.tables)])
-            state[0] += 1
-        return fn
-
     def release(self) -> None:
         self.pool = None
         self.tables = []
@@ -168,7 +179,7 @@ class Problem:
 
 
 def ours_variant(pb: Problem, fmt, cfg: dict):
-    """(callable, bytes read) of our decode kernel on one format."""
+    """(call(block_table), bytes read, info) of our decode kernel on one format."""
     from vllm_lowrank.formats import SlotLayout
     from vllm_lowrank.kernels import decode_attention, default_num_splits, workspace_numel
 
@@ -180,14 +191,15 @@ def ours_variant(pb: Problem, fmt, cfg: dict):
     splits = cfg.get("num_splits") or default_num_splits(pb.batch, pb.h, "cuda", block_n=cfg.get("block_n", 64))
     ws = torch.empty(workspace_numel(pb.batch, pb.hq, layout.v.latent_dim, splits), device="cuda")
     kw = {k: v for k, v in cfg.items() if k != "num_splits"}
-    fn = pb.rotating(lambda bt: decode_attention(q, cache, bt, pb.seq_lens, layout, tr, pb.d ** -0.5, out,
-                                                 num_splits=splits, workspace=ws, **kw))
-    return fn, pb.tokens * pb.h * layout.slot_bytes, {"slot_bytes": layout.slot_bytes, "num_splits": splits,
+    def call(bt: torch.Tensor) -> None:
+        decode_attention(q, cache, bt, pb.seq_lens, layout, tr, pb.d ** -0.5, out, num_splits=splits, workspace=ws,
+                         **kw)
+    return call, pb.tokens * pb.h * layout.slot_bytes, {"slot_bytes": layout.slot_bytes, "num_splits": splits,
                                                        "compression": layout.compression_vs(torch.bfloat16)}
 
 
 def vllm_variant(pb: Problem, name: str):
-    """(callable, bytes read) of one of vLLM's decode kernels, called as its backends call them."""
+    """(call(block_table), bytes read, info) of one of vLLM's decode kernels, called as its backends do."""
     d, h, hq, b = pb.d, pb.h, pb.hq, pb.batch
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
@@ -212,7 +224,7 @@ def vllm_variant(pb: Problem, name: str):
             flash_attn_varlen_func(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=pb.seq_lens,
                                    max_seqlen_k=pb.ctx, softmax_scale=scale, causal=True, block_table=bt,
                                    fa_version=3, **extra)
-        return pb.rotating(call), pb.tokens * h * 2 * d * (1 if fp8 else 2), {}
+        return call, pb.tokens * h * 2 * d * (1 if fp8 else 2), {}
 
     from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
     from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -249,7 +261,7 @@ def vllm_variant(pb: Problem, name: str):
         unified_attention(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=pb.seq_lens,
                           max_seqlen_k=pb.ctx, softmax_scale=scale, causal=True, window_size=(-1, -1),
                           block_table=bt, softcap=0, **extra, **segm)
-    return pb.rotating(call), pb.tokens * h * token_head_bytes, {}
+    return call, pb.tokens * h * token_head_bytes, {}
 
 
 def triton_next_pow2(n: int) -> int:
@@ -271,8 +283,8 @@ def tune(args, results: dict, copy_bw: float) -> dict:
             fmt = our_formats(d)[fname]
             for cfg in configs:
                 try:
-                    fn, nbytes, _ = ours_variant(pb, fmt, cfg)
-                    ms = bench(fn, args)
+                    call, nbytes, _ = ours_variant(pb, fmt, cfg)
+                    ms, _ = bench(call, pb.tables, args)
                     row = dict(phase="tune", format=fname, **cfg, ms=ms, pct_copy=100 * nbytes / (ms * 1e-3) / copy_bw)
                     print(f"tune {fname:18s} {cfg} {ms:.4f} ms {row['pct_copy']:.0f}%", flush=True)
                     results["tune"].append(row)
@@ -326,11 +338,11 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
                     row = dict(**shape, variant=name, kind="ours" if name in fmts else "vllm")
                     try:
                         if name in fmts:
-                            fn, nbytes, info = ours_variant(pb, fmts[name], cfg)
+                            call, nbytes, info = ours_variant(pb, fmts[name], cfg)
                         else:
-                            fn, nbytes, info = vllm_variant(pb, name)
-                        ms = bench(fn, args)
-                        row.update(info, ms=ms, bytes=nbytes, tbps=nbytes / (ms * 1e-3) / 1e12,
+                            call, nbytes, info = vllm_variant(pb, name)
+                        ms, mode = bench(call, pb.tables, args)
+                        row.update(info, ms=ms, timing=mode, bytes=nbytes, tbps=nbytes / (ms * 1e-3) / 1e12,
                                    pct_copy=100 * nbytes / (ms * 1e-3) / copy_bw, bytes_vs_bf16=bf16_bytes / nbytes)
                         print(f"{model:9s} b={batch:<3d} ctx={ctx:<5d} {name:22s} {ms:8.4f} ms "
                               f"{nbytes / 2**20:9.1f} MiB {row['tbps']:5.2f} TB/s {row['pct_copy']:4.0f}%", flush=True)
@@ -365,9 +377,10 @@ def run_store(args, results: dict, cfg: dict) -> None:
             try:
                 k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
-                slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:n]
-                ms = bench(lambda: store(k, v, cache, slots, layout, tr), args)
-                row.update(ms=ms, ns_per_token=ms * 1e6 / n)
+                perm = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")
+                sets = [perm[i * n:(i + 1) * n] for i in range(min(8, num_blocks * BLOCK_SIZE // n))]
+                ms, mode = bench(lambda slots: store(k, v, cache, slots, layout, tr), sets, args)
+                row.update(ms=ms, timing=mode, ns_per_token=ms * 1e6 / n)
                 if n == 64 and name in decode_ms:
                     row["pct_of_decode_b64_8k"] = 100 * ms / decode_ms[name]
                 print(f"store {name:18s} n={n:<5d} {ms * 1e3:8.1f} us  {row['ns_per_token']:8.1f} ns/token"
