@@ -14,9 +14,9 @@ shape (32 / 8, head_dim 64), block size 16, random paged block tables, batch 1/1
 
 Times are medians of ``triton.testing.do_bench_cudagraph`` (decode runs under CUDA graphs in vLLM; no
 host launch overhead): one graph runs the call over several block tables of disjoint blocks, together
-larger than L2, and the time is divided by their number (``--eager`` for plain ``do_bench``). A variant that fails or does not
-fit prints an error row and the run goes on. All numbers go to a JSON file (``--out``, default
-``$OUT/bench_kernels.json``); the short table comes last.
+larger than L2, and the time is divided by their number (``--eager`` for plain ``do_bench``). A
+variant that fails or does not fit prints an error row and the run goes on. All numbers go to a JSON
+file (``--out``, default ``$OUT/bench_kernels.json``); the short table comes last.
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def short_table(results: dict, copy_bw: float) -> str:
     for r in results["decode"]:
         rows.setdefault((r["model"], r["batch"], r["ctx"]), {})[r["variant"]] = r
     cols = [c for c in SHORT_COLUMNS if any(c in v for v in rows.values())]
-    lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write); cell = ms / % of copy bandwidth on the bytes read",
+    lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write); cell = ms / % of copy bandwidth on bytes read",
              f"{'shape':22s} " + " ".join(f"{c[-16:]:>16s}" for c in cols)]
     for (model, b, ctx), vs in rows.items():
         cells = []

@@ -27,7 +27,8 @@ from .common import (INT4, LOG2E, dot_dtypes, interpreted, layout_constexprs, lo
 @triton.jit
 def _prefill_kernel(
     q_ptr, stride_qt, stride_qh,  # queries [T, Hq, RK]: projected (float32) or raw (model dtype)
-    cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
+    cache_ptr, stride_cblk,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # slot strides as constexprs: known alignment
     block_table_ptr, stride_btb,  # int32 [num_reqs, max_blocks]
     seq_lens_ptr, query_start_ptr,  # int32 [num_reqs], [num_reqs + 1]
     out_ptr, stride_ot, stride_oh,  # [T, Hq, D] model dtype

@@ -16,7 +16,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, layout_constexprs, next_pow2,
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, layout_constexprs, next_pow2,
                      rint, slot_ptr)
 
 
@@ -96,7 +96,8 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, rows, head_mas
         m = head_mask[:, None] & (c[None, :] < R)
         x = tl.load(src + c[None, :], mask=m, other=0.0)
         if STORAGE == MODEL:
-            tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, MODEL_DTYPE) + c[None, :], _cast_rtne(x, MODEL_DTYPE), mask=m)
+            tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, MODEL_DTYPE) + c[None, :], _cast_rtne(x, MODEL_DTYPE),
+                     mask=m)
         else:
             x = x.to(tl.float32)
             absmax = tl.max(tl.abs(x), axis=1)
@@ -126,7 +127,8 @@ def _zero_gap(cache_ptr, rows, head_mask, OFF: tl.constexpr, LEN: tl.constexpr, 
 def _store_kernel(
     k_ptr, stride_kn, stride_kh,  # K source [N, H, RK]: latents (float32) or the raw keys
     v_ptr, stride_vn, stride_vh,  # V source [N, H, RV]
-    cache_ptr, stride_cblk, STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # uint8 [blocks, BLOCK_SIZE, H, slot]
+    cache_ptr, stride_cblk,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
+    STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # slot strides as constexprs: known alignment
     slot_mapping_ptr,  # [N] int, < 0: padding
     H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
