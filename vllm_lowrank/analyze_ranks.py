@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         e = e / e.sum(-1, keepdim=True)
         for i in range(num_layers):
             ax.semilogy(range(1, d + 1), e[i].clamp_min(1e-9).numpy(), color=cmap(i / max(1, num_layers - 1)), lw=1)
-        ax.set_title(f"{names[t]}: eigenvalue spectrum per layer")
+        ax.set_title(f"{names[t]}: eigenvalues per layer", fontsize=10)
         ax.set_xlabel("index")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of energy (mean over KV heads)")
