@@ -316,10 +316,14 @@ def _calibrated(spec: str, k: torch.Tensor, v: torch.Tensor, rk: int, rv: int):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", ["int4", "lowrank+fp8"])
-def test_real_kv(real_qkv, spec, device, seed):
+def test_real_kv(request, spec, device, seed):
     """Real SmolLM2 post-RoPE Q/K/V (bf16), stored by the kernel (bytes equal to the oracle's), then
     prefill over the whole prompt and decode of its last token, against the oracle on that cache.
     Offsets and bases as calibration makes them (mean and principal directions of the same K/V)."""
+    try:
+        real_qkv = request.getfixturevalue("real_qkv")
+    except Exception as e:  # noqa: BLE001  (no model or no transformers on this machine)
+        pytest.skip(f"real SmolLM2 K/V unavailable: {type(e).__name__}: {e}")
     bs, d, dtype = 16, 64, torch.bfloat16
     for layer in (0, 7):
         q, k, v = (t.to(dtype).to(device) for t in real_qkv[layer])
