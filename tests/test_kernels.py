@@ -61,6 +61,8 @@ def _tol(dtype: torch.dtype, layout: SlotLayout) -> float:
     if dtype == torch.float16 and layout.v.fmt.storage != "model":
         return TOL_SCALED_V_FP16
     return TOL[dtype]
+
+
 DTYPES = [pytest.param(t, id=str(t).replace("torch.", "")) for t in (torch.float32, torch.bfloat16, torch.float16)]
 
 
