@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="basis columns stored per layer (default: the chosen rank, enough for any smaller rank)")
     p.add_argument("--plans", default=None,
                    help="JSON plans file (from sensitivity.py): store exactly the columns its r<N> formats use")
+    p.add_argument("--plan-names", nargs="+", default=None,
+                   help="with --plans: only these plans (e.g. 2x 4x) decide the stored columns")
     return p.parse_args(argv)
 
 
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--ranks plans needs --plans FILE")
         from .sensitivity import plans_ranks
 
-        ranks = plans_ranks(json.loads(Path(args.plans).read_text()), num_layers)
+        plans = json.loads(Path(args.plans).read_text())
+        if args.plan_names:
+            plans = {"plans": {k: v for k, v in plans["plans"].items() if k in args.plan_names}}
+        ranks = plans_ranks(plans, num_layers)
         store_per_layer = {t: [max(1, r) for r in ranks[t]] for t in ranks}
         ranks = {t: [max(1, r) for r in ranks[t]] for t in ranks}
     calib = {"text": "gensim enwiki-latest-pages-articles1 excerpt (filter_wiki, no redirects): the text before "
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
              "date": datetime.date.today().isoformat(), **{k: v for k, v in stats.meta.items() if k in (
                  "windows", "window", "dtype")}}
     if args.plans:
-        calib["plans"] = Path(args.plans).name
+        calib["plans"] = Path(args.plans).name + (f" ({', '.join(args.plan_names)})" if args.plan_names else "")
     bf = cal.make_basis_file(stats, bases, ranks, store_rank=args.store_rank, model=name, calibration=calib,
                              store_per_layer=store_per_layer)
     bf.save(out_path)

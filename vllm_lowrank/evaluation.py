@@ -67,7 +67,12 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
         if key not in plans:
             raise ValueError(f"plan {key!r} is not in {plans_path}; it has {', '.join(plans)}")
         settings = {"format": "int8", "layers": plans[key]["layers"], "prefill_from_cache": True}
-        if basis:
+        own = plans[key].get("basis")  # a plan that needs more basis columns than the committed file has
+        if own and not Path(own).is_absolute():
+            own = str(Path(plans_path).resolve().parent.parent / own)
+        if own and Path(own).is_file():
+            settings["basis"] = own
+        elif basis:
             settings["basis"] = basis
         return FormatSpec(s, settings)
     if ":" in s:
