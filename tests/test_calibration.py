@@ -97,6 +97,23 @@ def test_rope_matches_vllm():
     assert torch.allclose(back, k, atol=1e-4)
 
 
+def test_rank_optimised_basis_beats_pca_on_weighted_error():
+    """With W = I the optimum is the PCA subspace; with a query weight it lowers tr(Pi W Pi C)."""
+    g = torch.Generator().manual_seed(3)
+    d, r = 16, 6
+    a = torch.randn(2, d, d, generator=g, dtype=torch.float64)
+    c = a @ a.transpose(-1, -2) / d
+    b = torch.randn(2, d, d, generator=g, dtype=torch.float64) * torch.linspace(2, 0.1, d, dtype=torch.float64)
+    w = b @ b.transpose(-1, -2) / d
+    _, u = cal.eig_desc(c)
+    p_id = cal.optimize_basis(c, torch.eye(d, dtype=torch.float64).expand(2, d, d), r, iters=200)
+    proj = lambda m: m[..., :r] @ m[..., :r].transpose(-1, -2)  # noqa: E731
+    assert float((proj(p_id) - proj(u)).norm()) < 1e-4
+    p_w = cal.optimize_basis(c, w, r, iters=300)
+    assert torch.allclose(p_w.transpose(-1, -2) @ p_w, torch.eye(d, dtype=torch.float64).expand(2, d, d), atol=1e-10)
+    assert bool((cal.score_error(p_w[..., :r], c, w) < 0.99 * cal.score_error(u[..., :r], c, w)).all())
+
+
 def _real_eigs() -> dict[str, torch.Tensor]:
     bf = BasisFile.load(BASIS)
     return {t: torch.stack(bf.eigenvalues[t]).double() for t in ("k", "v")}

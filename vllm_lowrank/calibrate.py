@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="basis file to write (default out/<model>-basis.safetensors)")
     p.add_argument("--key-basis", choices=("query", "pca"), default="query",
                    help="query: minimise the error of q.k (query-aware); pca: plain PCA of the keys")
+    p.add_argument("--optimize-rank", type=int, default=None,
+                   help="optimise the first R columns for attention (keys: score error weighted by the queries; "
+                        "values: error after the output projection, read from the model's o_proj weights); "
+                        "stores all columns")
+    p.add_argument("--optimize-iters", type=int, default=300, help="gradient steps for --optimize-rank")
     p.add_argument("--no-center", action="store_true", help="do not subtract calibrated means (no offsets)")
     p.add_argument("--ranks", choices=("energy", "uniform", "budget", "plans"), default="energy",
                    help="how the file's ranks are chosen (see --energy, --rank, --budget-ratio, --plans)")
@@ -113,7 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"statistics: {int(stats.count[0])} tokens per layer -> {stats_path}")
 
     num_layers, hq, h, d = stats.num_layers, None, stats.num_kv_heads, stats.head_dim
-    bases = cal.compute_bases(stats, key_method=args.key_basis, centered=not args.no_center)
+    if args.optimize_rank:
+        from safetensors import safe_open
+
+        files = sorted(Path(model).glob("*.safetensors"))
+        o_projs = []
+        for i in range(num_layers):
+            key = f"model.layers.{i}.self_attn.o_proj.weight"
+            for fpath in files:
+                with safe_open(str(fpath), framework="pt") as f:
+                    if key in f.keys():
+                        o_projs.append(f.get_tensor(key).float())
+                        break
+        bases = cal.rank_optimized_bases(stats, args.optimize_rank, o_projs if len(o_projs) == num_layers else None,
+                                         args.optimize_iters)
+        args.ranks, args.rank, args.store_rank = "uniform", args.optimize_rank, d
+    else:
+        bases = cal.compute_bases(stats, key_method=args.key_basis, centered=not args.no_center)
     eigs = {"k": bases.column_energy("k"), "v": bases.column_energy("v")}
     store_per_layer = None
     if args.ranks == "energy":
@@ -137,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         ranks = {t: [max(1, r) for r in ranks[t]] for t in ranks}
     calib = {"text": "gensim enwiki-latest-pages-articles1 excerpt (filter_wiki, no redirects): the text before "
                      "its last 200,000 characters", "tokens_per_layer": int(stats.count[0]),
-             "key_basis": args.key_basis, "centered": not args.no_center, "rank_rule": args.ranks,
+             "key_basis": f"query-optimised for rank {args.optimize_rank}" if args.optimize_rank else args.key_basis,
+             "value_basis": f"output-optimised for rank {args.optimize_rank}" if args.optimize_rank else "pca", "centered": not args.no_center, "rank_rule": args.ranks,
              "date": datetime.date.today().isoformat(), **{k: v for k, v in stats.meta.items() if k in (
                  "windows", "window", "dtype")}}
     if args.plans:

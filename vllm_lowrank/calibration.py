@@ -442,3 +442,67 @@ def make_basis_file(stats: Statistics, bases: Bases, ranks: dict[str, list[int]]
     if chosen:
         extra["chosen_ranks"] = {t: chosen.get(t, ranks[t]) for t in ("k", "v")}
     return BasisFile(num_layers, h, d, b, e, o, ranks, model, "post_rope", extra)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bases optimised for one rank: minimise the error that attention actually sees
+
+
+def optimize_basis(c: torch.Tensor, w: torch.Tensor, rank: int, iters: int = 300,
+                   init: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal basis [..., D, D] whose first ``rank`` columns span the subspace minimising
+    ``tr(Pi W Pi C)`` (Pi = I - P P^T), by Riemannian gradient descent on the Grassmannian from PCA.
+
+    Keys: C = Ck (centred), W = Cq: the error of the scores q.k. Values: C = Cv, W = sum over the query
+    heads of the group of Wo_h^T Wo_h: the error after the output projection. The remaining columns
+    are the PCA of C in the orthogonal complement (so smaller ranks are still usable, though only
+    ``rank`` is optimised).
+    """
+    c = c.to(DTYPE)
+    w = w.to(DTYPE)
+    d = c.shape[-1]
+    eye = torch.eye(d, dtype=DTYPE)
+    if init is None:
+        _, u = eig_desc(c)
+        init = u[..., :rank]
+    p = init.to(DTYPE)
+    for _ in range(iters):
+        pi = eye - p @ p.transpose(-1, -2)
+        g = w @ pi @ c + c @ pi @ w
+        grad = -2 * pi @ g @ p
+        step = 0.5 / (torch.linalg.matrix_norm(g, 2)[..., None, None] + 1e-300)
+        p, _ = torch.linalg.qr(p - step * grad)
+    pi = eye - p @ p.transpose(-1, -2)
+    _, rest = eig_desc(pi @ c @ pi)
+    full = torch.cat((p, rest[..., : d - rank]), -1)
+    q, r = torch.linalg.qr(full)  # re-orthonormalise; keep column signs
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[..., None, :]
+
+
+def output_weight(o_proj: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[H, D, D]: sum over the query heads reading each KV head of Wo_h^T Wo_h (o_proj [hidden, Hq*D])."""
+    hq = o_proj.shape[1] // head_dim
+    g = hq // num_kv_heads
+    wo = o_proj.to(DTYPE).view(o_proj.shape[0], hq, head_dim)
+    per = torch.einsum("ohd,ohe->hde", wo, wo)  # [Hq, D, D]
+    return per.view(num_kv_heads, g, head_dim, head_dim).sum(1)
+
+
+def rank_optimized_bases(stats: Statistics, rank: int, o_projs: list[torch.Tensor] | None,
+                         iters: int = 300) -> Bases:
+    """Bases whose first ``rank`` columns are optimised for attention (K: scores; V: output, when the
+    output projections are given, else PCA); offsets = calibrated means."""
+    ck = stats.second_moment("k", True)
+    cv = stats.second_moment("v", True)
+    cq = stats.second_moment("q")
+    kb = optimize_basis(ck, cq, rank, iters)
+    if o_projs is not None:
+        wv = torch.stack([output_weight(o, stats.num_kv_heads, stats.head_dim) for o in o_projs])
+        vb = optimize_basis(cv, wv, rank, iters)
+    else:
+        _, vb = eig_desc(cv)
+    ke, _ = eig_desc(ck)
+    ve, _ = eig_desc(cv)
+    kc = torch.einsum("lhdr,lhde,lher->lhr", kb, ck, kb)
+    vc = torch.einsum("lhdr,lhde,lher->lhr", vb, cv, vb)
+    return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc)

@@ -67,12 +67,15 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
         if key not in plans:
             raise ValueError(f"plan {key!r} is not in {plans_path}; it has {', '.join(plans)}")
         settings = {"format": "int8", "layers": plans[key]["layers"], "prefill_from_cache": True}
+        settings.update(plans[key].get("settings", {}))  # e.g. {"offset": false}
         own = plans[key].get("basis")  # a plan that needs more basis columns than the committed file has
         if own and not Path(own).is_absolute():
             own = str(Path(plans_path).resolve().parent.parent / own)
         if own and Path(own).is_file():
             settings["basis"] = own
-        elif basis:
+        elif basis and settings.get("offset", True) is not False:
+            settings["basis"] = basis
+        elif basis and any(str(f).startswith("r") for kv in settings["layers"].values() for f in kv.values()):
             settings["basis"] = basis
         return FormatSpec(s, settings)
     if ":" in s:

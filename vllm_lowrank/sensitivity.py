@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=("kl", "dnll"), default="kl")
     p.add_argument("--verify", action="store_true", help="simulate each chosen plan in full")
     p.add_argument("--out", default=str(repo / "bases" / "smollm2-135m.plans.json"), help="plans file to write")
+    p.add_argument("--rank-bases", nargs="*", default=[], metavar="R=PATH",
+                   help="bases optimised for rank R (calibrate.py --optimize-rank R); with them each plan gets "
+                        "its own basis file (--plan-basis-prefix), composed of the columns its r<N> formats use")
+    p.add_argument("--plan-basis-prefix", default="bases/smollm2-135m-",
+                   help="per-plan basis files: PREFIX<plan>.safetensors (relative to the repository)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -235,13 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"ratio": round(full / used, 3), "bytes_per_token": used, "budget": budget,
                  "predicted_kl": round(predicted_loss(sens, plan, "kl"), 6),
                  "predicted_dnll": round(predicted_loss(sens, plan, "dnll"), 6), "layers": plan_layers(plan)}
+        plan_basis = basis
+        if args.rank_bases:
+            rank_files = {int(x.split("=")[0]): BasisFile.load(x.split("=", 1)[1]) for x in args.rank_bases}
+            plan_basis = compose_plan_basis(plan_layers(plan), rank_files, basis)
+            plan_basis.extra["plan"] = _ratio_key(r)
+            rel = f"{args.plan_basis_prefix}{_ratio_key(r)}.safetensors"
+            plan_basis.save(repo / rel)
+            entry["basis"] = rel
         if args.verify:
             if sim is None:
                 tok = AutoTokenizer.from_pretrained(str(model))
                 ids = tok(split_text()[0], add_special_tokens=False)["input_ids"][args.skip_tokens:]
                 sim = Simulator(model, basis)
                 sim.prepare([ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)])
+            sim.basis = basis
             ref = sim.reference()
+            sim.basis = plan_basis
             sim.set_plan(plan)
             res = sim.run(0)
             entry["simulated_kl"] = round(res["kl"], 6)
@@ -258,6 +273,32 @@ def main(argv: list[str] | None = None) -> int:
                                           "plans": plans}, indent=1))
     print(f"plans -> {args.out}")
     return 0
+
+
+
+def compose_plan_basis(layers: dict[str, dict[str, str]], rank_files: dict[int, Any], fallback: Any):
+    """A basis file for one plan: for each layer and tensor with an ``r<N>`` format, the first N columns
+    of the basis optimised for rank N (``rank_files[N]``, a BasisFile); elsewhere one column of
+    ``fallback`` (unused, kept for the file's shape). Offsets and spectra from ``fallback``."""
+    from .basis import BasisFile
+
+    n = fallback.num_layers
+    bases: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    ranks: dict[str, list[int]] = {"k": [], "v": []}
+    for t in ("k", "v"):
+        for i in range(n):
+            tf = TensorFormat.parse(layers[str(i)][t])
+            if tf.transform == "basis":
+                src = rank_files.get(tf.rank, fallback)
+                bases[t].append(src.bases[t][i][:, :, :tf.rank].contiguous())
+                ranks[t].append(tf.rank)
+            else:
+                bases[t].append(fallback.bases[t][i][:, :, :1].contiguous())
+                ranks[t].append(1)
+    extra = dict(fallback.extra)
+    extra["optimised_ranks"] = sorted(rank_files)
+    return BasisFile(n, fallback.num_kv_heads, fallback.head_dim, bases, fallback.eigenvalues, fallback.offsets,
+                     ranks, fallback.model, "post_rope", extra)
 
 
 if __name__ == "__main__":
