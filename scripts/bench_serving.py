@@ -66,15 +66,16 @@ def make_basis(model: Path, shape: str, out: Path) -> Path:
     return out
 
 
-def run_variant(vllm: str, model: Path, name: str, extra: list[str], args, logdir: Path) -> dict:
+def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args, logdir: Path) -> dict:
     js = logdir / f"{name.replace(':', '_')}.json"
-    cmd = [vllm, "bench", "throughput", "--model", str(model), "--load-format", "dummy",
+    cmd = [*vllm, "bench", "throughput", "--model", str(model), "--load-format", "dummy",
            "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
            "--max-model-len", str(args.max_model_len), "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
            "--output-json", str(js), *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # run outside the source checkout, so that the installed plugin (not the source folder) is imported
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=logdir)
     log = proc.stdout + proc.stderr
     (logdir / f"{name.replace(':', '_')}.log").write_text(" ".join(cmd) + "\n\n" + log)
     row = {"variant": name, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
@@ -127,7 +128,9 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    vllm = shutil.which("vllm") or sys.exit("the vllm command is not on PATH")
+    # vLLM's CLI module directly: it guards main(), so engine processes started with spawn do not re-run it
+    vllm = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     model = make_model(args.shape, args.tokenizer, args.out / f"model-{args.shape}")
     basis = make_basis(model, args.shape, args.out / f"basis-{args.shape}.safetensors")

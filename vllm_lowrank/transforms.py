@@ -77,11 +77,16 @@ class LayerTransforms:
 
 def build_tensor_transform(fmt: TensorFormat, num_kv_heads: int, head_dim: int,
                            basis: torch.Tensor | None, offset: torch.Tensor | None) -> TensorTransform:
-    """The transform of one tensor format; ``basis`` [H, D, >=r] and ``offset`` [H, D] from a basis file."""
+    """The transform of one tensor format; ``basis`` [H, D, >=r] and ``offset`` [H, D] from a basis file.
+
+    A Hadamard rotation is made on the device of ``offset`` (or ``basis``), the CPU if neither is given.
+    """
     if fmt.transform == "none":
         return TensorTransform(None, offset)
     if fmt.transform == "hadamard":
-        return TensorTransform(hadamard(head_dim).expand(num_kv_heads, head_dim, head_dim).contiguous(), offset)
+        like = offset if offset is not None else basis
+        rot = hadamard(head_dim).to(like.device if like is not None else "cpu")
+        return TensorTransform(rot.expand(num_kv_heads, head_dim, head_dim).contiguous(), offset)
     assert basis is not None, "a basis format needs basis vectors"
     return TensorTransform(basis[:, :, :fmt.rank].float().contiguous(), offset)
 
