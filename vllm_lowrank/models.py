@@ -15,9 +15,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def models_dir() -> Path:
-    """Where made models live: ``$VLLM_LOWRANK_MODELS`` or ``<repo>/.models``."""
+    """Where made models live: ``$VLLM_LOWRANK_MODELS``, else ``<repo>/.models`` in a source checkout,
+    else ``~/.cache/vllm-lowrank/models``."""
     env = os.environ.get("VLLM_LOWRANK_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / ".models"
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".models"
+    return Path.home() / ".cache" / "vllm-lowrank" / "models"
 
 
 def _package_file(package: str, name: str) -> Path:
