@@ -131,12 +131,21 @@ def main(argv: list[str] | None = None) -> int:
                                       ("stable", stab, "stable rank ||A||_F^2/||A||_2^2", "stable_rank.png")):
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for c in cols:
-            ax.plot(range(num_layers), data[c].mean(1).numpy(), marker="o", ms=3, label=names[c])
+            if c != "attn":
+                ax.plot(range(num_layers), data[c].mean(1).numpy(), marker="o", ms=3, label=names[c])
+        lines, labels = ax.get_legend_handles_labels()
+        if "attn" in cols:  # attention matrices are T x T: their own axis
+            ax2 = ax.twinx()
+            ax2.plot(range(num_layers), data["attn"].mean(1).numpy(), marker="s", ms=3, color="tab:red",
+                     ls="--", label=names["attn"] + " (right axis)")
+            ax2.set_ylabel(f"{ylabel}, attention", color="tab:red")
+            l2, lb2 = ax2.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lb2
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{kind} rank by depth (mean over heads; head_dim {d})")
+        ax.set_title(f"{kind} rank by depth (mean over heads; K/V of head_dim {d})")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(lines, labels, fontsize=8)
         fig.savefig(out / fname, dpi=110, bbox_inches="tight")
         plt.close(fig)
     print(f"plots -> {out}/spectra.png, effective_rank.png, stable_rank.png")
