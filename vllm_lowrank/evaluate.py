@@ -18,8 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASIS = REPO / "bases" / "smollm2-135m.safetensors"
+FULL_BASIS = REPO / "out" / "smollm2-135m-instruct-bfloat16-basis.safetensors"  # calibrate.py's default output
 DEFAULT_PLANS = REPO / "bases" / "smollm2-135m.plans.json"
-DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:4x", "plan:8x"]
+DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:3x", "plan:4x"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=4, help="evaluation windows (40 = the whole held-out text)")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--dtype", default="bfloat16", help="model dtype in vLLM")
-    p.add_argument("--basis", default=str(DEFAULT_BASIS), help="basis file for low-rank formats and plans")
+    p.add_argument("--basis", default=str(FULL_BASIS if FULL_BASIS.is_file() else DEFAULT_BASIS),
+                   help="basis file for low-rank formats and plans without their own (default: calibrate.py's "
+                        "full output if present, else the committed one, which keeps only the plans' columns)")
     p.add_argument("--plans", default=str(DEFAULT_PLANS), help="plans file (from sensitivity.py)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
                    help="KV cache memory for every format (capacity ratios are measured at this size)")

@@ -71,7 +71,9 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
         own = plans[key].get("basis")  # a plan that needs more basis columns than the committed file has
         if own and not Path(own).is_absolute():
             own = str(Path(plans_path).resolve().parent.parent / own)
-        if own and Path(own).is_file():
+        if own and not Path(own).is_file():
+            raise FileNotFoundError(f"plan {key!r} needs the basis file {own}: {plans[key].get('note', '')}")
+        if own:
             settings["basis"] = own
         elif basis and settings.get("offset", True) is not False:
             settings["basis"] = basis
