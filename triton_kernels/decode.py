@@ -151,7 +151,9 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str
     Depends only on the batch shape (and, if given, an upper bound of the context), never on the
     device's seq_lens: safe to capture in a CUDA graph.
     """
-    sms = _num_sms(torch.device(device)) if device is not None and torch.device(device).type == "cuda" else 132
+    if device is None or torch.device(device).type != "cuda":
+        return 2  # the interpreter runs programs one at a time: keep the merge exercised, not parallelism
+    sms = _num_sms(torch.device(device))
     splits = next_pow2(max(1, -(-4 * sms // max(1, batch * num_kv_heads))))
     if max_seq_len is not None:
         splits = min(splits, next_pow2(max(1, -(-max_seq_len // (2 * block_n)))))

@@ -11,6 +11,7 @@ plain PyTorch path of :mod:`vllm_lowrank.reference` does, with the same contract
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -159,6 +160,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         if self.state is None:
             self.state = build_layer_state(self.config, layer_index(layer.layer_name), self.num_kv_heads,
                                            self.head_size, self.vllm_config, device)
+            logger.info_once("lowrank attention on %s runs %s", device.type,
+                             "the PyTorch path" if _ops(device) is reference else "the Triton kernels")
         return self.state
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
@@ -219,7 +222,7 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                 paged.append(i)
         if not paged:
             return
-        if q.device.type != "cuda":
+        if _ops(q.device) is reference:
             for i in paged:
                 q0, q1 = qsl[i], qsl[i + 1]
                 reference.paged_attention(q[q0:q1], kv_cache, md.block_table[i:i + 1], [seq_lens[i]],
@@ -234,9 +237,19 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                                     self.scale, out)
 
 
+KERNELS_ENV = "VLLM_LOWRANK_KERNELS"
+
+
 def _ops(device: torch.device):
-    """The Triton kernels on CUDA, the plain PyTorch path elsewhere (same contracts)."""
-    if device.type == "cuda":
+    """The Triton kernels on CUDA, the plain PyTorch path elsewhere (same contracts).
+
+    ``$VLLM_LOWRANK_KERNELS`` = ``triton`` or ``torch`` forces one (``triton`` on CPU tensors needs
+    ``TRITON_INTERPRET=1``: how CI runs the kernels inside vLLM without a GPU).
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise LowRankConfigError(f"{KERNELS_ENV}={choice!r}; accepted: auto, triton, torch")
+    if choice == "triton" or (choice == "auto" and device.type == "cuda"):
         from . import kernels
 
         return kernels
