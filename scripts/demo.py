@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from vllm_lowrank.config import DEFAULT_FORMAT
 from vllm_lowrank.engine import kv_cache_tokens, vllm_llm
@@ -30,12 +31,17 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M, made on first use)")
     ap.add_argument("--lowrank", default=json.dumps({"format": DEFAULT_FORMAT}),
                     help="the lowrank settings as JSON (default: %(default)s)")
+    ap.add_argument("--plan", default=None,
+                    help="a calibrated per-layer plan of bases/smollm2-135m.plans.json (2x, 3x, 3.56x, 4x, ...) "
+                         "instead of --lowrank")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=64 << 20, help="KV cache memory (default 64 MiB)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-baseline", action="store_true", help="skip the uncompressed run")
     args = ap.parse_args()
     model = args.model or str(smollm2())
     settings = json.loads(args.lowrank)
+    if args.plan:
+        settings = {"plan": f"{Path(__file__).resolve().parent.parent / 'bases' / 'smollm2-135m.plans.json'}:{args.plan}"}
 
     from vllm import SamplingParams
 

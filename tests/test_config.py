@@ -13,6 +13,7 @@ import pytest
 
 from vllm_lowrank.basis import orthonormal_basis_file
 from vllm_lowrank.config import LowRankConfigError, ModelShape, parse
+from vllm_lowrank.formats import TensorFormat
 
 SMOL = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64)
 
@@ -140,3 +141,29 @@ def test_llm_refuses_unsupported_model(feature, tmp_path):
     AutoConfig.for_model(**cfg).save_pretrained(tmp_path)
     with pytest.raises(LowRankConfigError, match=message):
         _llm(tmp_path, attention_backend="lowrank", load_format="dummy", skip_tokenizer_init=True)
+
+
+PLANS = Path(__file__).resolve().parent.parent / "bases" / "smollm2-135m.plans.json"
+
+
+def test_plan_expands_to_its_layers_and_basis():
+    plans = json.loads(PLANS.read_text())["plans"]
+    for name in ("2x", "3x"):
+        cfg = parse({"plan": f"{PLANS}:{name}"}, SMOL)
+        for layer, fmt in plans[name]["layers"].items():
+            got = cfg.layer_format(int(layer))
+            assert (str(got.k), str(got.v)) == (str(TensorFormat.parse(fmt["k"])), str(TensorFormat.parse(fmt["v"])))
+        needs_basis = any(f.startswith("r") for kv in plans[name]["layers"].values() for f in kv.values())
+        assert (cfg.basis is not None) >= needs_basis
+    # a key given beside the plan wins over the plan's own
+    assert str(parse({"plan": f"{PLANS}:2x", "layers": {"0": "fp8"}}, SMOL).layer_format(0)) == "K=fp8 V=fp8"
+
+
+@pytest.mark.parametrize("ref,message", [
+    ("nowhere.json:2x", r"expected '<plans file>:<plan name>'"),
+    (f"{PLANS}", r"expected '<plans file>:<plan name>'"),
+    (f"{PLANS}:9x", r"no plan '9x' in .*; it has 2x"),
+])
+def test_bad_plan_is_refused(ref, message):
+    with pytest.raises(LowRankConfigError, match=message):
+        parse({"plan": ref}, SMOL)

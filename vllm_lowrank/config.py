@@ -9,6 +9,9 @@ Keys (all optional):
 - ``basis``: path of a basis file (needed by any ``r<N>`` format).
 - ``layers``: per-layer overrides, ``{"0": {"k": "r16", "v": "int8"}, "5": "fp8", ...}``; each value
   takes the same forms as ``format``. Together with ``format`` this is a per-layer plan.
+- ``plan``: ``"<plans file>:<name>"``, a per-layer plan chosen by ``scripts/choose_plan.py`` (e.g.
+  ``bases/smollm2-135m.plans.json:2x``): its layers, settings and basis file, under any of the keys
+  above that are also given.
 - ``offset``: subtract the basis file's calibrated offsets (default: true when the file has them).
 - ``prefill_from_cache``: prefill attends over the stored (compressed) K/V instead of the prompt's own
   exact K/V, so that perplexity measures what decode sees (default false).
@@ -22,6 +25,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .basis import BasisFile, BasisFileError
@@ -29,7 +33,7 @@ from .formats import RANKED_PRESETS, FormatError, LayerFormat, PRESETS, TensorFo
 
 CONFIG_KEY = "lowrank"
 DEFAULT_FORMAT = "int8"
-KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "offset", "prefill_from_cache", "calibrate")
+KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "plan", "offset", "prefill_from_cache", "calibrate")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -107,6 +111,8 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
     if unknown:
         raise LowRankConfigError(f"unknown lowrank setting(s) {unknown}; accepted: {', '.join(KNOWN_KEYS)}")
+    if raw.get("plan") is not None:
+        raw = {**expand_plan(str(raw["plan"])), **{k: v for k, v in raw.items() if k != "plan"}}
     d = shape.head_dim
     basis = None
     if raw.get("basis") is not None:
@@ -183,6 +189,41 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
                     raise LowRankConfigError(f"{where}: rank {tf.rank} exceeds the {basis.stored_rank(t, i)} "
                                              f"basis vectors stored for layer {i} in {basis.path!r}")
     return cfg
+
+
+def expand_plan(ref: str) -> dict[str, Any]:
+    """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
+
+    A plan's own ``basis`` (a path relative to the plans file's folder or its parent) wins; otherwise a
+    plan whose formats need one gets ``<name>.safetensors`` beside ``<name>.plans.json``.
+    """
+    path_text, sep, name = ref.rpartition(":")
+    path = Path(path_text)
+    if not sep or not path.is_file():
+        raise LowRankConfigError(f"plan={ref!r}: expected '<plans file>:<plan name>' naming an existing plans "
+                                 f"file (made by scripts/choose_plan.py), e.g. 'bases/smollm2-135m.plans.json:2x'")
+    try:
+        plans = json.loads(path.read_text())["plans"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LowRankConfigError(f"plan={ref!r}: {path} is not a plans file ({e})") from e
+    if name not in plans:
+        raise LowRankConfigError(f"plan={ref!r}: no plan {name!r} in {path}; it has {', '.join(plans)}")
+    plan = plans[name]
+    settings: dict[str, Any] = {"layers": plan["layers"], **plan.get("settings", {})}
+    own = plan.get("basis")
+    if own:
+        candidates = [path.parent / own, path.parent.parent / own, Path(own)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise LowRankConfigError(f"plan={ref!r} needs the basis file {own}, which is missing"
+                                     f"{': ' + plan['note'] if plan.get('note') else ''}")
+        settings["basis"] = str(found)
+    else:
+        beside = path.with_name(path.name.replace(".plans.json", ".safetensors"))
+        formats = [str(f) for kv in plan["layers"].values() for f in (kv.values() if isinstance(kv, dict) else [kv])]
+        if beside.is_file() and (any(f.startswith("r") for f in formats) or settings.get("offset", True)):
+            settings["basis"] = str(beside)
+    return settings
 
 
 def raw_settings(additional_config: dict[str, Any] | None) -> dict[str, Any] | None:
