@@ -62,23 +62,13 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
     if s.startswith("plan:"):
         if not plans_path:
             raise ValueError(f"{s} needs a plans file (--plans)")
-        plans = json.loads(Path(plans_path).read_text())["plans"]
+        from .config import expand_plan
+
         key = s[len("plan:"):]
-        if key not in plans:
-            raise ValueError(f"plan {key!r} is not in {plans_path}; it has {', '.join(plans)}")
-        settings = {"format": "int8", "layers": plans[key]["layers"], "prefill_from_cache": True}
-        settings.update(plans[key].get("settings", {}))  # e.g. {"offset": false}
-        own = plans[key].get("basis")  # a plan that needs more basis columns than the committed file has
-        if own and not Path(own).is_absolute():
-            own = str(Path(plans_path).resolve().parent.parent / own)
-        if own and not Path(own).is_file():
-            raise FileNotFoundError(f"plan {key!r} needs the basis file {own}: {plans[key].get('note', '')}")
-        if own:
-            settings["basis"] = own
-        elif basis and settings.get("offset", True) is not False:
-            settings["basis"] = basis
-        elif basis and any(str(f).startswith("r") for kv in settings["layers"].values() for f in kv.values()):
-            settings["basis"] = basis
+        plan = json.loads(Path(plans_path).read_text())["plans"].get(key, {})
+        settings = {"format": "int8", **expand_plan(f"{plans_path}:{key}"), "prefill_from_cache": True}
+        if basis and "basis" in settings and not plan.get("basis"):
+            settings["basis"] = basis  # --basis replaces the default basis beside the plans file
         return FormatSpec(s, settings)
     if ":" in s:
         preset, *ranks = s.split(":")
