@@ -149,7 +149,6 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
-        self.group = num_heads // num_kv_heads
         self.vllm_config = get_current_vllm_config()
         self.config = plugin_config(self.vllm_config)  # parse and check now, at model build
         logger.info_once("lowrank KV cache formats: %s", self.config.describe(

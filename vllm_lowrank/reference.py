@@ -21,12 +21,11 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
     n = slot_mapping.shape[0]
     if n == 0:
         return
-    slots = slot_mapping[:n].long()
+    slots, key, value = slot_mapping[:n].long(), key[:n], value[:n]
     valid = slots >= 0
     if not bool(valid.all()):
-        slots = slots[valid]
-        key, value = key[:n][valid], value[:n][valid]
-    rows = encode_layer(key[:n], value[:n], layout, transforms)
+        slots, key, value = slots[valid], key[valid], value[valid]
+    rows = encode_layer(key, value, layout, transforms)
     flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
     flat[slots] = rows
 
