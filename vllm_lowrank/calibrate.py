@@ -22,13 +22,25 @@ import sys
 import time
 from pathlib import Path
 
+from .textdata import STDLIB_FILES
+
 REPO = Path(__file__).resolve().parent.parent
+TEXT_NAMES = {"wiki": "gensim enwiki excerpt, calibration part (beginning)",
+              "stdlib": "Python standard-library source, calibration files"}
+CALIB_TEXTS = {"wiki": "gensim enwiki-latest-pages-articles1 excerpt (filter_wiki, no redirects): the text before "
+                       "its last 200,000 characters",
+               "stdlib": f"Python {sys.version.split()[0]} standard-library source: "
+                         f"{', '.join(sorted(STDLIB_FILES['calibration']))} (the files' windows in turn)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="calibrate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16)")
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16); "
+                                                 "'qwen': Qwen2.5-Coder-1.5B-Instruct (models.qwen25_coder)")
+    p.add_argument("--text", choices=("wiki", "stdlib"), default="wiki",
+                   help="calibration text: the Wikipedia excerpt's calibration part, or the calibration files "
+                        "of the Python standard-library text (textdata.STDLIB_FILES)")
     p.add_argument("--windows", type=int, default=24, help="calibration windows")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--batch", type=int, default=4, help="windows per vLLM generate call")
@@ -70,9 +82,12 @@ def gather_statistics(model: Path, windows: list[list[int]], batch: int, dtype: 
     from . import calibration as cal
     from .engine import vllm_llm
 
+    from .engine import model_shape
+
     max_len = max(len(w) for w in windows) + 16
+    n, _, h, d = model_shape(model)
     with vllm_llm(model, {"format": "full", "calibrate": True}, dtype=dtype, max_model_len=max_len,
-                  kv_cache_memory_bytes=max(64 << 20, batch * max_len * 30 * 3 * 64 * 4 * 2)) as llm:
+                  kv_cache_memory_bytes=max(64 << 20, batch * max_len * n * h * d * 4 * 2)) as llm:
         llm.collective_rpc(cal.rpc_configure, args=(theta, theta is not None))
         sp = SamplingParams(max_tokens=1, temperature=0.0)
         for i in tqdm(range(0, len(windows), batch), desc="calibration", unit="batch"):
@@ -90,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from .models import smollm2
 
         model = smollm2(args.dtype if args.dtype in ("bfloat16", "float32") else "bfloat16")
+    elif args.model == "qwen":
+        from .models import qwen25_coder
+
+        model = qwen25_coder("bfloat16")
     else:
         model = Path(args.model)
     name = model.name
@@ -107,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         from .textdata import calibration_windows
 
         tok = AutoTokenizer.from_pretrained(str(model))
-        windows = calibration_windows(tok, args.windows, args.window)
+        windows = calibration_windows(tok, args.windows, args.window, text=args.text)
         theta = rope_theta(model)
         t0 = time.time()
         stats = gather_statistics(model, windows, args.batch, args.dtype, theta)
-        stats.meta.update({"model": name, "text": "gensim enwiki excerpt, calibration part (beginning)",
+        stats.meta.update({"model": name, "text": TEXT_NAMES[args.text],
                            "windows": args.windows, "window": args.window, "dtype": args.dtype,
                            "seconds": round(time.time() - t0, 1)})
         stats.save(stats_path)
@@ -156,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = plans_ranks(plans, num_layers)
         store_per_layer = {t: [max(1, r) for r in ranks[t]] for t in ranks}
         ranks = {t: [max(1, r) for r in ranks[t]] for t in ranks}
-    calib = {"text": "gensim enwiki-latest-pages-articles1 excerpt (filter_wiki, no redirects): the text before "
-                     "its last 200,000 characters", "tokens_per_layer": int(stats.count[0]),
+    calib = {"text": CALIB_TEXTS[args.text], "tokens_per_layer": int(stats.count[0]),
              "key_basis": f"query-optimised for rank {args.optimize_rank}" if args.optimize_rank else args.key_basis,
              "value_basis": f"output-optimised for rank {args.optimize_rank}" if args.optimize_rank else "pca", "centered": not args.no_center, "rank_rule": args.ranks,
              "date": datetime.date.today().isoformat(), **{k: v for k, v in stats.meta.items() if k in (

@@ -1,7 +1,8 @@
 """Perplexity and greedy agreement per KV format, inside vLLM (``python -m vllm_lowrank.evaluate --help``).
 
 Held-out text: the last 200,000 characters of the gensim Wikipedia excerpt, in windows of 1024 tokens
-(the first ``--windows`` of them; all 40 on the GPU machine, fewer on the CPU). The baseline is vLLM's
+(the first ``--windows`` of them; all 40 on the GPU machine, fewer on the CPU); ``--text stdlib``: the
+evaluation part of the Python standard-library text (``textdata.STDLIB_FILES``), for code models. The baseline is vLLM's
 own attention backend, uncompressed. Prints one table: format, bytes per token, compression vs bf16,
 capacity ratio (vLLM's own KV cache size in tokens at a fixed memory, vs the baseline), perplexity,
 change in %, and greedy agreement with the baseline.
@@ -26,7 +27,10 @@ DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:3x", 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16)")
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M, bf16); "
+                                                 "'qwen': Qwen2.5-Coder-1.5B-Instruct (models.qwen25_coder)")
+    p.add_argument("--text", choices=("wiki", "stdlib"), default="wiki",
+                   help="held-out text: the Wikipedia excerpt, or Python standard-library source")
     p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS,
                    help="format specs: vllm, vllm-fp8, full, int8, fp8, int4, lowrank:RK[:RV], "
                         "lowrank+int8:RK[:RV], plan:NAME, or a JSON dict of lowrank settings")
@@ -51,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         from .models import smollm2
 
         model = smollm2("bfloat16")
+    elif args.model == "qwen":
+        from .models import qwen25_coder
+
+        model = qwen25_coder("bfloat16")
     else:
         model = Path(args.model)
     tok = AutoTokenizer.from_pretrained(str(model))
-    windows = eval_windows(tok, args.windows, args.window)
+    windows = eval_windows(tok, args.windows, args.window, text=args.text)
     basis = args.basis if Path(args.basis).is_file() else None
     plans = args.plans if Path(args.plans).is_file() else None
     specs = [resolve(f, basis, plans) for f in args.formats]
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         tqdm.write(f"{r.name}: perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.seconds:.0f} s)")
     base = results[0]
-    header = (f"{model.name}, {len(windows)} windows x {args.window} tokens ({base.tokens} predicted), dtype "
+    header = (f"{model.name}, {args.text} text, {len(windows)} windows x {args.window} tokens ({base.tokens} predicted), dtype "
               f"{args.dtype}, {datetime.date.today().isoformat()}, {platform.machine()} CPU, vLLM 0.26.0")
     print(header)
     print(table(results, base))
