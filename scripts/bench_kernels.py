@@ -169,6 +169,13 @@ class Problem:
         item = torch.empty((), dtype=dtype).element_size()
         return self.pool[:nbytes].view(dtype).view(nb, BLOCK_SIZE, self.h, token_head_bytes // item)
 
+    def ours(self, slot_bytes: int) -> torch.Tensor:
+        """The pool as our cache: [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field."""
+        from vllm_lowrank.formats import cache_shape
+
+        nb = len(self.tables) * self.blocks_per_set
+        return self.pool[:nb * BLOCK_SIZE * self.h * slot_bytes].view(cache_shape(nb, BLOCK_SIZE, self.h, slot_bytes))
+
     def release(self) -> None:
         self.pool = None
         self.tables = []
@@ -185,7 +192,7 @@ def ours_variant(pb: Problem, fmt, cfg: dict):
 
     layout = SlotLayout.build(fmt, pb.d, torch.bfloat16)
     tr = random_transforms(fmt, pb.h, pb.d)
-    cache = pb.cache(layout.slot_bytes)
+    cache = pb.ours(layout.slot_bytes)
     q = torch.randn(pb.batch, pb.hq, pb.d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     splits = cfg.get("num_splits") or default_num_splits(pb.batch, pb.h, "cuda", block_n=cfg.get("block_n", 64))
@@ -358,7 +365,7 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
 
 def run_store(args, results: dict, cfg: dict) -> None:
     """Store cost per token (one layer) at 64 and 8192 new tokens, 8B shape; vs our decode at 64 x 8k."""
-    from vllm_lowrank.formats import SlotLayout
+    from vllm_lowrank.formats import SlotLayout, cache_shape
     from vllm_lowrank.kernels import store
 
     hq, h, d = MODELS["llama3-8b"]
@@ -371,7 +378,8 @@ def run_store(args, results: dict, cfg: dict) -> None:
     for name, fmt in fmts.items():
         layout = SlotLayout.build(fmt, d, torch.bfloat16)
         tr = random_transforms(fmt, h, d)
-        cache = torch.zeros(num_blocks, BLOCK_SIZE, h, layout.slot_bytes, dtype=torch.uint8, device="cuda")
+        cache = torch.zeros(cache_shape(num_blocks, BLOCK_SIZE, h, layout.slot_bytes), dtype=torch.uint8,
+                            device="cuda")
         for n in (64, 8192):
             row = dict(variant=name, tokens=n)
             try:

@@ -86,3 +86,22 @@ def test_round_trip_text():
 def test_every_preset_builds():
     for name in PRESETS:
         SlotLayout.build(preset_format(name, 16, 8), 64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_page_index_is_field_major_permutation(block_size):
+    """A page holds each field of all its tokens together: a permutation of the slots' bytes in which
+    every field (and gap) of the slot is one array starting at ``block_size * offset``, 16-byte aligned."""
+    for kf, vf in itertools.product(TENSOR_FORMATS, repeat=2):
+        layout = SlotLayout.build(LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)), 64, torch.bfloat16)
+        idx = layout.page_index(block_size)
+        assert torch.equal(idx.flatten().sort().values, torch.arange(block_size * layout.slot_bytes))
+        segs = layout.segments()
+        assert segs[0][0] == 0 and sum(n for _, n in segs) == layout.slot_bytes
+        for (off, n), (nxt, _) in zip(segs, segs[1:] + [(layout.slot_bytes, 0)]):
+            assert off + n == nxt
+            region = idx[:, off:off + n]
+            assert int(region[0, 0]) == block_size * off and (block_size * off) % 16 == 0
+            assert torch.equal(region.flatten(), torch.arange(block_size * off, block_size * (off + n)))
+        assert {off for off, _ in layout.gaps()}.isdisjoint(
+            {layout.k.payload_offset, layout.v.payload_offset, layout.k.scale_offset, layout.v.scale_offset})

@@ -43,7 +43,8 @@ _INTERPRET = _NO_GPU and interpreted(triton.language.standard.sum)
 _SUBPROCESS = _NO_GPU and not _INTERPRET and os.environ.get("LOWRANK_KERNEL_SUBPROCESS") != "1"
 
 from vllm_lowrank import codec, reference  # noqa: E402
-from vllm_lowrank.formats import PRESETS, LayerFormat, SlotLayout, TensorFormat, preset_format  # noqa: E402
+from vllm_lowrank.formats import (PRESETS, LayerFormat, SlotLayout, TensorFormat, cache_shape,  # noqa: E402
+                                  preset_format)
 from vllm_lowrank.transforms import LayerTransforms, build_tensor_transform  # noqa: E402
 
 DEVICES = [
@@ -107,7 +108,7 @@ def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout
     nblk = [-(-s // block_size) for s in seq_lens]
     max_blocks = max(nblk) + 1
     num_blocks = sum(nblk) + spare_blocks
-    cache = torch.randint(0, 256, (num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8)
+    cache = torch.randint(0, 256, cache_shape(num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8)
     cache = cache.to(device)
     perm = torch.randperm(num_blocks)
     block_table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
@@ -142,21 +143,21 @@ def test_store_bytes_equal_codec(spec, dtype, device, seed):
     layout, tr = _setup(spec, h, d, dtype, device)
     n = 13
     k, v = _kv(n + 3, h, d, dtype, device)  # rows past slot_mapping's length are not stored
-    cache = torch.randint(0, 256, (6, bs, h, layout.slot_bytes), dtype=torch.uint8, device=device)
+    cache = torch.randint(0, 256, cache_shape(6, bs, h, layout.slot_bytes), dtype=torch.uint8, device=device)
     slots = torch.randperm(6 * bs)[:n].to(device)
     slots[torch.randperm(n)[:3]] = -1
     expected = cache.clone()
     rows = codec.encode_layer(k[:n], v[:n], layout, tr)  # the same projection, all rows at once
     valid = slots >= 0
-    expected.view(-1, h, layout.slot_bytes)[slots[valid]] = rows[valid]
+    reference.write_slots(expected, slots[valid], rows[valid], layout)
     K.store(k, v, cache, slots, layout, tr)
     bad = (cache != expected).nonzero()
     assert bad.numel() == 0, f"seed={seed} {spec} {dtype}: {bad.shape[0]} bytes differ, first at {bad[:4].tolist()}"
     # and the oracle's own store (which projects only the valid rows) decodes to the same latents
     ref = torch.randint(0, 256, cache.shape, dtype=torch.uint8, device=device)
     reference.store(k, v, ref, slots, layout, tr)
-    flat, rflat = cache.view(-1, h, layout.slot_bytes), ref.view(-1, h, layout.slot_bytes)
-    for a, b in zip(codec.decode_layer(flat[slots[valid]], layout), codec.decode_layer(rflat[slots[valid]], layout)):
+    got = (reference.read_slots(c, slots[valid], layout) for c in (cache, ref))
+    for a, b in zip(*(codec.decode_layer(rows, layout) for rows in got)):
         assert _rel(a, b) < 1e-2, f"seed={seed}"
 
 
@@ -176,11 +177,12 @@ def test_store_fp8_rounding_ties(device, seed):
     layout = SlotLayout.build(_fmt("fp8/fp8"), d, torch.float32)
     tr = LayerTransforms(build_tensor_transform(TensorFormat.parse("fp8"), 1, d, None, None),
                          build_tensor_transform(TensorFormat.parse("fp8"), 1, d, None, None))
-    cache = torch.zeros(n, 1, 1, layout.slot_bytes, dtype=torch.uint8, device=device)
+    cache = torch.zeros(cache_shape(-(-n // 16), 16, 1, layout.slot_bytes), dtype=torch.uint8, device=device)
     x = x.to(device)
-    K.store(x, -x, cache, torch.arange(n, device=device), layout, tr)
+    slots = torch.arange(n, device=device)
+    K.store(x, -x, cache, slots, layout, tr)
     expected = codec.encode_layer(x, -x, layout, tr)
-    assert torch.equal(cache.view(n, 1, -1), expected), f"seed={seed}"
+    assert torch.equal(reference.read_slots(cache, slots, layout), expected), f"seed={seed}"
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -334,7 +336,7 @@ def test_real_kv(request, spec, device, seed):
         nblk = -(-n // bs)
         table = torch.randperm(nblk + 2)[None, :nblk].int().to(device)
         slots = reference.gather_slots(table[0], n, bs)
-        cache = torch.zeros(nblk + 2, bs, h, layout.slot_bytes, dtype=torch.uint8, device=device)
+        cache = torch.zeros(cache_shape(nblk + 2, bs, h, layout.slot_bytes), dtype=torch.uint8, device=device)
         ref_cache = torch.zeros_like(cache)
         K.store(k, v, cache, slots, layout, tr)
         reference.store(k, v, ref_cache, slots, layout, tr)

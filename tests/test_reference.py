@@ -25,7 +25,7 @@ import torch
 from vllm_lowrank import reference
 from vllm_lowrank.basis import orthonormal_basis_file
 from vllm_lowrank.codec import decode_layer, encode_layer
-from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, preset_format
+from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, cache_shape, preset_format
 from vllm_lowrank.transforms import LayerTransforms, TensorTransform, build_tensor_transform
 
 LOSSLESS_TOL = 1e-5
@@ -72,7 +72,8 @@ def _paged_batch(seq_lens: list[int], h: int, d: int, block_size: int, gen: torc
 
 def _fill_cache(layout, transforms, num_blocks, block_size, table, keys, values, gen):
     h = keys[0].shape[1]
-    cache = torch.randint(0, 256, (num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    cache = torch.randint(0, 256, cache_shape(num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8,
+                          generator=gen)
     for r, (k, v) in enumerate(zip(keys, values)):
         slots = reference.gather_slots(table[r], k.shape[0], block_size)
         # padding slots (-1) interleaved with real ones must be skipped
@@ -196,10 +197,34 @@ def test_real_kv_attention(real_qkv, fmt, tol, gen):
         n = k.shape[0]
         layout, tr = _layer(fmt, 3, d, gen)
         table = torch.randperm(math.ceil(n / bs) + 2, generator=gen)[None, :math.ceil(n / bs)].int()
-        cache = torch.zeros(table.max() + 1, bs, 3, layout.slot_bytes, dtype=torch.uint8)
+        cache = torch.zeros(cache_shape(table.max() + 1, bs, 3, layout.slot_bytes), dtype=torch.uint8)
         reference.store(k, v, cache, reference.gather_slots(table[0], n, bs), layout, tr)
         out = torch.full_like(q, float("nan"))
         reference.paged_attention(q, cache, table, [n], [0, n], layout, tr, d ** -0.5, out)
         assert torch.isfinite(out).all()
         err = _rel(out, _attention64(q, k, v, torch.arange(n), d ** -0.5))
         assert err < tol, f"layer {layer}: {err:.3e}"
+
+
+def test_slots_round_trip_field_major(gen):
+    """write_slots/read_slots round-trip arbitrary rows, and a page holds field f of token t at
+    ``block_size * off + t * n`` (checked on the raw bytes, independently of page_index)."""
+    layout = SlotLayout.build(LayerFormat(TensorFormat.parse("r13+int4"), TensorFormat.parse("int8")), 64,
+                              torch.bfloat16)
+    nb, bs, h = 5, 16, 3
+    cache = torch.randint(0, 256, cache_shape(nb, bs, h, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    before = cache.clone()
+    slots = torch.randperm(nb * bs, generator=gen)[:23]
+    rows = torch.randint(0, 256, (23, h, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    reference.write_slots(cache, slots, rows, layout)
+    assert torch.equal(reference.read_slots(cache, slots, layout), rows)
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots] = False
+    others = torch.arange(nb * bs)[untouched]
+    assert torch.equal(reference.read_slots(cache, others, layout), reference.read_slots(before, others, layout))
+    ts = layout.v  # the int8 payload, then its scale
+    for i, s in enumerate(slots.tolist()):
+        page = cache[s // bs].reshape(h, -1)
+        t = s % bs
+        for off, n in ((ts.payload_offset, ts.payload_bytes), (ts.scale_offset, 2)):
+            assert torch.equal(page[:, bs * off + t * n: bs * off + (t + 1) * n], rows[i, :, off:off + n])

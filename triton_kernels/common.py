@@ -2,12 +2,16 @@
 
 Every byte offset comes from :class:`vllm_lowrank.formats.SlotLayout` (the single source of truth);
 :func:`layout_constexprs` turns a layout into the ``tl.constexpr`` arguments the kernels take, so
-that each layout compiles to a kernel with its offsets folded in.
+that each layout compiles to a kernel with its offsets folded in. The cache is uint8
+[num_blocks, H, BLOCK_SIZE, slot_bytes] with each (block, head) page stored field by field: the field at
+slot offset ``OFF`` of ``NBYTES`` bytes of token ``t`` is at page byte ``BLOCK_SIZE * OFF + t * NBYTES``
+(:func:`field_ptr`), so payload rows are 16-byte aligned and a block's scales are contiguous.
 
 Conventions of the attention helpers (decode and prefill):
 
 - a *row* is one (query token, query head) pair, ``M`` rows per program (``M >= 16`` for ``tl.dot``);
-- ``rows`` are int64 byte offsets of the slots of a tile of ``BLOCK_N`` cached tokens of one KV head;
+- a tile of ``BLOCK_N`` cached tokens of one KV head is addressed by ``page`` (int64 byte offsets of
+  their pages) and ``within`` (their index inside the block), both from :func:`token_rows`;
 - int4 latents are handled as two half-width tiles: channel ``2c`` (low nibble of byte ``c``) and
   channel ``2c + 1`` (high nibble), so nothing is ever interleaved inside the kernel;
 - scores are ``q . k`` with the per-token K scale applied after the dot and, for int4,
@@ -54,12 +58,13 @@ def latent_tile(ts: TensorSlot, minimum: int = 16) -> int:
 
 
 def layout_constexprs(layout: SlotLayout, minimum_tile: int = 16) -> dict:
-    """The per-layout kernel constexprs: storage codes, field offsets, latent dims and tile widths."""
+    """The per-layout kernel constexprs: storage codes, field offsets and sizes, latent dims, tiles."""
     out = {}
     for name, ts in (("K", layout.k), ("V", layout.v)):
         out.update({
             f"{name}_STORAGE": STORAGES.index(ts.fmt.storage),
             f"{name}_OFF": ts.payload_offset,
+            f"{name}_BYTES": ts.payload_bytes,
             f"{name}_SCALE_OFF": max(ts.scale_offset, 0),
             f"{name}_ZERO_OFF": max(ts.zero_offset, 0),
             f"R{name}": ts.latent_dim,
@@ -67,6 +72,14 @@ def layout_constexprs(layout: SlotLayout, minimum_tile: int = 16) -> dict:
         })
     out["MODEL_DTYPE"] = TORCH_TO_TL[layout.model_dtype]
     return out
+
+
+def check_cache(kv_cache: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int]:
+    """(num_blocks, num_kv_heads, block_size) of a cache for ``layout``; its pages must be dense."""
+    num_blocks, h, block_size, slot_bytes = kv_cache.shape
+    assert kv_cache.dtype == torch.uint8 and slot_bytes == layout.slot_bytes, "cache does not match the layout"
+    assert kv_cache.stride()[1:] == (block_size * slot_bytes, slot_bytes, 1), "cache pages must be dense"
+    return num_blocks, h, block_size
 
 
 def dot_dtypes(layout: SlotLayout) -> dict:
@@ -122,16 +135,19 @@ def to_dot(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def slot_ptr(cache_ptr, rows, OFF: tl.constexpr, DTYPE: tl.constexpr):
-    """Pointer(s) to the field at byte ``OFF`` of the slots at byte offsets ``rows``, typed ``DTYPE``."""
-    return (cache_ptr + rows + OFF).to(tl.pointer_type(DTYPE))
+def field_ptr(cache_ptr, page, within, OFF: tl.constexpr, NBYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Pointer(s) to the field at slot offset ``OFF`` (``NBYTES`` per token) of tokens ``within`` of
+    pages ``page``, typed ``DTYPE``."""
+    return (cache_ptr + page + BLOCK_SIZE * OFF + within * NBYTES).to(tl.pointer_type(DTYPE))
 
 
 @triton.jit
-def token_rows(block_table_ptr, tok, tok_mask, BLOCK_SIZE: tl.constexpr, stride_blk, stride_tok, head_off):
-    """int64 byte offsets of the slots of tokens ``tok`` (a request's positions) of one KV head."""
+def token_rows(block_table_ptr, tok, tok_mask, BLOCK_SIZE: tl.constexpr, stride_blk, head_off):
+    """(page, within) of tokens ``tok`` (a request's positions) of one KV head: int64 byte offsets of
+    their (block, head) pages (``head_off`` = head * page bytes) and their index inside the block."""
     blk = tl.load(block_table_ptr + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-    return blk * stride_blk + (tok % BLOCK_SIZE).to(tl.int64) * stride_tok + head_off
+    return blk * stride_blk + head_off, (tok % BLOCK_SIZE).to(tl.int64)
 
 
 @triton.jit
@@ -160,9 +176,9 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
 
 
 @triton.jit
-def tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum,
-                K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-                K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+def tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum,
+                K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+                K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                 MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Raw scores ``q . k_j`` [M, BLOCK_N] (float32) of query tiles against a tile of cached keys.
 
@@ -170,34 +186,41 @@ def tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum,
     """
     c = tl.arange(0, RK_TILE)
     IS_F32: tl.constexpr = QK_DTYPE == tl.float32
-    zero = tl.zeros((q_a.shape[0], rows.shape[0]), dtype=tl.float32)
+    zero = tl.zeros((q_a.shape[0], page.shape[0]), dtype=tl.float32)
     if K_STORAGE == INT4:
         m = tok_mask[:, None] & (c[None, :] < (RK + 1) // 2)
-        b = tl.load(cache_ptr + rows[:, None] + K_OFF + c[None, :], mask=m, other=0)
+        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.uint8)
+                    + c[None, :], mask=m, other=0)
         s = dot(q_a, tl.trans(to_dot(b & 15, QK_DTYPE)), zero, IS_F32, UPCAST)
         s = dot(q_b, tl.trans(to_dot(b >> 4, QK_DTYPE)), s, IS_F32, UPCAST)
     else:
         m = tok_mask[:, None] & (c[None, :] < RK)
         if K_STORAGE == MODEL:
-            k = tl.load(slot_ptr(cache_ptr, rows[:, None], K_OFF, MODEL_DTYPE) + c[None, :], mask=m, other=0.0)
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, MODEL_DTYPE)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
         elif K_STORAGE == INT8:
-            k = tl.load(slot_ptr(cache_ptr, rows[:, None], K_OFF, tl.int8) + c[None, :], mask=m, other=0)
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.int8)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0)
         else:
-            k = tl.load(slot_ptr(cache_ptr, rows[:, None], K_OFF, tl.float8e4nv) + c[None, :], mask=m, other=0.0)
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE,
+                              tl.float8e4nv)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
         s = dot(q_a, tl.trans(to_dot(k, QK_DTYPE)), zero, IS_F32, UPCAST)
     if K_STORAGE != MODEL:
-        k_scale = tl.load(slot_ptr(cache_ptr, rows, K_SCALE_OFF, tl.float16), mask=tok_mask, other=0.0)
+        k_scale = tl.load(field_ptr(cache_ptr, page, within, K_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
+                          mask=tok_mask, other=0.0)
         s = s * k_scale.to(tl.float32)[None, :]
     if K_STORAGE == INT4:
-        k_zero = tl.load(slot_ptr(cache_ptr, rows, K_ZERO_OFF, tl.float16), mask=tok_mask, other=0.0)
+        k_zero = tl.load(field_ptr(cache_ptr, page, within, K_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
+                         mask=tok_mask, other=0.0)
         s += q_sum[:, None] * k_zero.to(tl.float32)[None, :]
     return s
 
 
 @triton.jit
-def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask,
-            V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-            V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask,
+            V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
+            V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
             MODEL_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate ``sum_j p_j v_j`` of a tile of cached values into the latent accumulators.
 
@@ -208,29 +231,36 @@ def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask,
     c = tl.arange(0, RV_TILE)
     IS_F32: tl.constexpr = PV_DTYPE == tl.float32
     if V_STORAGE != MODEL:
-        v_scale = tl.load(slot_ptr(cache_ptr, rows, V_SCALE_OFF, tl.float16), mask=tok_mask, other=0.0)
+        v_scale = tl.load(field_ptr(cache_ptr, page, within, V_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
+                          mask=tok_mask, other=0.0)
         pv = (p * v_scale.to(tl.float32)[None, :]).to(PV_DTYPE)
     else:
         pv = p.to(PV_DTYPE)
     if V_STORAGE == INT4:
         m = tok_mask[:, None] & (c[None, :] < (RV + 1) // 2)
-        b = tl.load(cache_ptr + rows[:, None] + V_OFF + c[None, :], mask=m, other=0)
+        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.uint8)
+                    + c[None, :], mask=m, other=0)
         acc_a = dot(pv, to_dot(b & 15, PV_DTYPE), acc_a, IS_F32, UPCAST)
         acc_b = dot(pv, to_dot(b >> 4, PV_DTYPE), acc_b, IS_F32, UPCAST)
         # zero term with the same rounded weights as the nibble dot: v = s * (q4 + zero / s), so that
         # the rounding error of p * s multiplies v (not the much larger q4 * s; they cancel otherwise)
-        v_zero = tl.load(slot_ptr(cache_ptr, rows, V_ZERO_OFF, tl.float16), mask=tok_mask, other=0.0).to(tl.float32)
+        v_zero = tl.load(field_ptr(cache_ptr, page, within, V_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
+                         mask=tok_mask, other=0.0).to(tl.float32)
         vs = v_scale.to(tl.float32)
         z_over_s = tl.where(vs > 0, v_zero / tl.where(vs > 0, vs, 1.0), 0.0)
         acc_z += tl.sum(tl.where(vs[None, :] > 0, pv.to(tl.float32) * z_over_s[None, :], p * v_zero[None, :]), axis=1)
     else:
         m = tok_mask[:, None] & (c[None, :] < RV)
         if V_STORAGE == MODEL:
-            v = tl.load(slot_ptr(cache_ptr, rows[:, None], V_OFF, MODEL_DTYPE) + c[None, :], mask=m, other=0.0)
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, MODEL_DTYPE)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
         elif V_STORAGE == INT8:
-            v = tl.load(slot_ptr(cache_ptr, rows[:, None], V_OFF, tl.int8) + c[None, :], mask=m, other=0)
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.int8)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0)
         else:
-            v = tl.load(slot_ptr(cache_ptr, rows[:, None], V_OFF, tl.float8e4nv) + c[None, :], mask=m, other=0.0)
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE,
+                              tl.float8e4nv)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
         acc_a = dot(pv, to_dot(v, PV_DTYPE), acc_a, IS_F32, UPCAST)
     return acc_a, acc_b, acc_z
 

@@ -23,24 +23,24 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, interpreted, LOG2E, dot_dtypes, layout_constexprs, load_query, next_pow2, project_queries,
-                     store_output, tile_pv, tile_scores, token_rows, transform_args)
+from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
+                     project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
-    cache_ptr, stride_cblk,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
-    STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # slot strides as constexprs: known alignment
+    cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
+    STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes), a constexpr: known alignment
     block_table_ptr, stride_btb,  # int32 [B, max_blocks]
     seq_lens_ptr,  # int32 [B]
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # splits per request (= grid dim 2)
     G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
     RK: tl.constexpr, RK_TILE: tl.constexpr,
-    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
     RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -71,9 +71,9 @@ def _decode_split_kernel(
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < end
-        rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, STRIDE_CTOK, head_off)
-        s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF, K_ZERO_OFF,
-                        RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
+        page, within = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, head_off)
+        s = tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF,
+                        K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -83,8 +83,9 @@ def _decode_split_kernel(
         if V_STORAGE == INT4:
             acc_b = acc_b * alpha[:, None]
             acc_z = acc_z * alpha
-        acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask, V_STORAGE, V_OFF,
-                                      V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, PV_DTYPE, UPCAST)
+        acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask, V_STORAGE, V_OFF,
+                                      V_BYTES, V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE,
+                                      PV_DTYPE, UPCAST)
         m_i = m_new
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
@@ -171,7 +172,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
-    query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, block_size, H, slot_bytes];
+    query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
     block_table: int32 [B, max_blocks]; seq_lens: int32 [B] on the device (request b attends to its first
     seq_lens[b] tokens). ``workspace``: float32 with at least :func:`workspace_numel` elements (allocated
     if None). Same result as :func:`vllm_lowrank.reference.decode_attention`.
@@ -179,8 +180,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     batch, hq, d = query.shape
     if batch == 0:
         return
-    _, block_size, h, slot_bytes = kv_cache.shape
-    assert slot_bytes == layout.slot_bytes and kv_cache.stride(-1) == 1 and out.stride(-1) == 1
+    _, h, block_size = check_cache(kv_cache, layout)
+    assert out.stride(-1) == 1
     assert block_table.stride(-1) == 1
     group = hq // h
     rv = layout.v.latent_dim
@@ -199,7 +200,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     c = layout_constexprs(layout)
     g_tile = max(16, next_pow2(group))
     _decode_split_kernel[(batch, h, num_splits)](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
         G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), num_warps=num_warps, num_stages=num_stages)

@@ -20,15 +20,15 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, LOG2E, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
-                     project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
+from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query,
+                     next_pow2, project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, stride_qt, stride_qh,  # queries [T, Hq, RK]: projected (float32) or raw (model dtype)
-    cache_ptr, stride_cblk,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
-    STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # slot strides as constexprs: known alignment
+    cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
+    STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes), a constexpr: known alignment
     block_table_ptr, stride_btb,  # int32 [num_reqs, max_blocks]
     seq_lens_ptr, query_start_ptr,  # int32 [num_reqs], [num_reqs + 1]
     out_ptr, stride_ot, stride_oh,  # [T, Hq, D] model dtype
@@ -36,9 +36,9 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, G_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
-    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
     RK: tl.constexpr, RK_TILE: tl.constexpr,
-    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
     RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -74,9 +74,9 @@ def _prefill_kernel(
         for t0 in range(0, end, BLOCK_N):
             tok = t0 + tl.arange(0, BLOCK_N)
             tok_mask = tok < end
-            rows = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, STRIDE_CTOK, head_off)
-            s = tile_scores(cache_ptr, rows, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_SCALE_OFF,
-                            K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
+            page, within = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, head_off)
+            s = tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES,
+                            K_SCALE_OFF, K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
             s = tl.where(tok_mask[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -86,8 +86,9 @@ def _prefill_kernel(
             if V_STORAGE == INT4:
                 acc_b = acc_b * alpha[:, None]
                 acc_z = acc_z * alpha
-            acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, rows, tok_mask, V_STORAGE, V_OFF,
-                                          V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, PV_DTYPE, UPCAST)
+            acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask, V_STORAGE,
+                                          V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE,
+                                          MODEL_DTYPE, PV_DTYPE, UPCAST)
             m_i = m_new
 
         inv_l = 1.0 / l_i  # every row sees at least token 0
@@ -117,8 +118,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     if num_reqs == 0 or max_query_len == 0:
         return
     t, hq, d = query.shape
-    _, block_size, h, slot_bytes = kv_cache.shape
-    assert slot_bytes == layout.slot_bytes and kv_cache.stride(-1) == 1 and out.stride(-1) == 1
+    _, h, block_size = check_cache(kv_cache, layout)
+    assert out.stride(-1) == 1
     assert block_table.stride(-1) == 1
     group = hq // h
     g_p2 = next_pow2(group)
@@ -132,7 +133,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     basis, offset, has_basis, has_offset = transform_args(transforms.v, q)
     grid = (num_reqs, triton.cdiv(max_query_len, block_q), h)
     _prefill_kernel[grid](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), seq_lens, query_start_loc, out, out.stride(0), out.stride(1),
         basis, offset, scale * LOG2E,
         G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d,

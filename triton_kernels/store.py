@@ -16,8 +16,8 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, layout_constexprs, next_pow2,
-                     rint, slot_ptr)
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, check_cache, field_ptr,
+                     layout_constexprs, next_pow2, rint)
 
 
 @triton.jit
@@ -65,13 +65,15 @@ def _stored_scale(s):
 
 
 @triton.jit
-def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, rows, head_mask,
-                   STORAGE: tl.constexpr, OFF: tl.constexpr, SCALE_OFF: tl.constexpr, ZERO_OFF: tl.constexpr,
-                   R: tl.constexpr, R_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
-    """Quantize the latents of one token [H, R] (rows of ``src``) and write them to slots ``rows``."""
+def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, head_mask,
+                   STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
+                   ZERO_OFF: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
+    """Quantize the latents of one token [H, R] (rows of ``src``) and write them into its pages."""
     hh = tl.arange(0, H_TILE)
     c = tl.arange(0, R_TILE)
     src = src_ptr + tok.to(tl.int64) * stride_sn + hh[:, None] * stride_sh
+    scale_ptr = field_ptr(cache_ptr, page, within, SCALE_OFF, 2, BLOCK_SIZE, tl.float16)
     if STORAGE == INT4:
         ev = 2 * c
         ma = head_mask[:, None] & (ev[None, :] < R)
@@ -89,37 +91,40 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, rows, head_mas
         qb = tl.clamp(rint(tl.math.div_rn(xb - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
         qa = tl.where(ma, qa, 0.0).to(tl.uint8)
         qb = tl.where(mb, qb, 0.0).to(tl.uint8)
-        tl.store(cache_ptr + rows[:, None] + OFF + c[None, :], qa | (qb << 4), mask=ma)
-        tl.store(slot_ptr(cache_ptr, rows, SCALE_OFF, tl.float16), s16, mask=head_mask)
-        tl.store(slot_ptr(cache_ptr, rows, ZERO_OFF, tl.float16), z16, mask=head_mask)
+        payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8)
+        tl.store(payload + c[None, :], qa | (qb << 4), mask=ma)
+        tl.store(scale_ptr, s16, mask=head_mask)
+        tl.store(field_ptr(cache_ptr, page, within, ZERO_OFF, 2, BLOCK_SIZE, tl.float16), z16, mask=head_mask)
     else:
         m = head_mask[:, None] & (c[None, :] < R)
         x = tl.load(src + c[None, :], mask=m, other=0.0)
         if STORAGE == MODEL:
-            tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, MODEL_DTYPE) + c[None, :], _cast_rtne(x, MODEL_DTYPE),
-                     mask=m)
+            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE)
+            tl.store(payload + c[None, :], _cast_rtne(x, MODEL_DTYPE), mask=m)
         else:
             x = x.to(tl.float32)
             absmax = tl.max(tl.abs(x), axis=1)
+            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8)
             if STORAGE == INT8:
                 s16, scale = _stored_scale(tl.math.div_rn(absmax, INT8_MAX))
                 y = tl.math.div_rn(x, scale[:, None])
-                q = tl.clamp(rint(y), -INT8_MAX, INT8_MAX).to(tl.int8)
-                tl.store(slot_ptr(cache_ptr, rows[:, None], OFF, tl.int8) + c[None, :], q, mask=m)
+                q = tl.clamp(rint(y), -INT8_MAX, INT8_MAX).to(tl.int8).to(tl.uint8, bitcast=True)
             else:
                 s16, scale = _stored_scale(tl.math.div_rn(absmax, FP8_MAX))
                 y = tl.math.div_rn(x, scale[:, None])
                 q = _fp8e4m3_bits(tl.clamp(y, -FP8_MAX, FP8_MAX))
-                tl.store(cache_ptr + rows[:, None] + OFF + c[None, :], q, mask=m)
-            tl.store(slot_ptr(cache_ptr, rows, SCALE_OFF, tl.float16), s16, mask=head_mask)
+            tl.store(payload + c[None, :], q, mask=m)
+            tl.store(scale_ptr, s16, mask=head_mask)
 
 
 @triton.jit
-def _zero_gap(cache_ptr, rows, head_mask, OFF: tl.constexpr, LEN: tl.constexpr, H_TILE: tl.constexpr):
-    """Zero ``LEN`` (< 4) padding bytes at byte ``OFF`` of the slots ``rows``."""
+def _zero_gap(cache_ptr, page, within, head_mask, OFF: tl.constexpr, LEN: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr, H_TILE: tl.constexpr):
+    """Zero the ``LEN`` (< 4) padding bytes at slot offset ``OFF`` of one token in its pages."""
     if LEN > 0:
         g = tl.arange(0, 4)
-        tl.store(cache_ptr + rows[:, None] + OFF + g[None, :], tl.zeros((H_TILE, 4), dtype=tl.uint8),
+        gap = field_ptr(cache_ptr, page[:, None], within, OFF, LEN, BLOCK_SIZE, tl.uint8)
+        tl.store(gap + g[None, :], tl.zeros((H_TILE, 4), dtype=tl.uint8),
                  mask=head_mask[:, None] & (g[None, :] < LEN))
 
 
@@ -127,20 +132,20 @@ def _zero_gap(cache_ptr, rows, head_mask, OFF: tl.constexpr, LEN: tl.constexpr, 
 def _store_kernel(
     k_ptr, stride_kn, stride_kh,  # K source [N, H, RK]: latents (float32) or the raw keys
     v_ptr, stride_vn, stride_vh,  # V source [N, H, RV]
-    cache_ptr, stride_cblk,  # uint8 [num_blocks, BLOCK_SIZE, H, slot_bytes]
-    STRIDE_CTOK: tl.constexpr, STRIDE_CHEAD: tl.constexpr,  # slot strides as constexprs: known alignment
+    cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
+    STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes)
     slot_mapping_ptr,  # [N] int, < 0: padding
     H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
-    RK: tl.constexpr, RK_TILE: tl.constexpr,
-    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
-    RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+    K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     GAP0: tl.constexpr, GAP0_LEN: tl.constexpr, GAP1: tl.constexpr, GAP1_LEN: tl.constexpr,
     GAP2: tl.constexpr, GAP2_LEN: tl.constexpr,
 ):
-    """One program per token: quantize K and V of all its KV heads and scatter them into its slot.
+    """One program per token: quantize K and V of all its KV heads and scatter them into its pages.
 
-    Alignment gaps of the slot (``GAPi``: byte offset, ``GAPi_LEN`` < 4 bytes) are zeroed, so every
+    Alignment gaps of the slot (``GAPi``: slot offset, ``GAPi_LEN`` < 4 bytes) are zeroed, so every
     byte of a stored slot is defined, as in the codec.
     """
     tok = tl.program_id(0)
@@ -148,34 +153,15 @@ def _store_kernel(
     hh = tl.arange(0, H_TILE)
     head_mask = (hh < H) & (slot >= 0)
     slot = tl.maximum(slot, 0)
-    rows = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * STRIDE_CTOK + hh.to(tl.int64) * STRIDE_CHEAD
-    _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, rows, head_mask, K_STORAGE, K_OFF, K_SCALE_OFF,
-                   K_ZERO_OFF, RK, RK_TILE, MODEL_DTYPE, H_TILE)
-    _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, rows, head_mask, V_STORAGE, V_OFF, V_SCALE_OFF,
-                   V_ZERO_OFF, RV, RV_TILE, MODEL_DTYPE, H_TILE)
-    _zero_gap(cache_ptr, rows, head_mask, GAP0, GAP0_LEN, H_TILE)
-    _zero_gap(cache_ptr, rows, head_mask, GAP1, GAP1_LEN, H_TILE)
-    _zero_gap(cache_ptr, rows, head_mask, GAP2, GAP2_LEN, H_TILE)
-
-
-def slot_gaps(layout: SlotLayout) -> list[tuple[int, int]]:
-    """(offset, length) of the bytes of a slot that no field covers (alignment padding)."""
-    fields = [(ts.payload_offset, ts.payload_bytes) for ts in (layout.k, layout.v)]
-    for ts in (layout.k, layout.v):
-        fields += [(off, 2) for off in (ts.scale_offset, ts.zero_offset) if off >= 0]
-    covered = [False] * layout.slot_bytes
-    for off, nbytes in fields:
-        covered[off:off + nbytes] = [True] * nbytes
-    gaps: list[tuple[int, int]] = []
-    for i, cov in enumerate(covered):
-        if cov:
-            continue
-        if gaps and gaps[-1][0] + gaps[-1][1] == i:
-            gaps[-1] = (gaps[-1][0], gaps[-1][1] + 1)
-        else:
-            gaps.append((i, 1))
-    assert len(gaps) <= 3 and all(n < 4 for _, n in gaps), f"unexpected slot padding {gaps} in {layout}"
-    return gaps
+    page = (slot // BLOCK_SIZE) * stride_cblk + hh.to(tl.int64) * STRIDE_CHEAD
+    within = slot % BLOCK_SIZE
+    _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, page, within, head_mask, K_STORAGE, K_OFF, K_BYTES,
+                   K_SCALE_OFF, K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
+    _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, page, within, head_mask, V_STORAGE, V_OFF, V_BYTES,
+                   V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
+    _zero_gap(cache_ptr, page, within, head_mask, GAP0, GAP0_LEN, BLOCK_SIZE, H_TILE)
+    _zero_gap(cache_ptr, page, within, head_mask, GAP1, GAP1_LEN, BLOCK_SIZE, H_TILE)
+    _zero_gap(cache_ptr, page, within, head_mask, GAP2, GAP2_LEN, BLOCK_SIZE, H_TILE)
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -183,13 +169,12 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
     """Encode keys/values [N', H, D] and scatter them to ``slot_mapping`` [N] (slots < 0 are padding).
 
     Same contract as :func:`vllm_lowrank.reference.store`: the first N = ``slot_mapping.shape[0]``
-    tokens are stored. ``kv_cache``: uint8 [num_blocks, block_size, H, slot_bytes], last dim contiguous.
+    tokens are stored. ``kv_cache``: uint8 [num_blocks, H, block_size, slot_bytes], dense pages.
     """
     n = slot_mapping.shape[0]
     if n == 0:
         return
-    num_blocks, block_size, h, slot_bytes = kv_cache.shape
-    assert slot_bytes == layout.slot_bytes and kv_cache.dtype == torch.uint8 and kv_cache.stride(-1) == 1
+    _, h, block_size = check_cache(kv_cache, layout)
     srcs = []
     for x, tr in ((key[:n], transforms.k), (value[:n], transforms.v)):
         src = x if tr.is_identity else tr.project(x)  # float32 latents [N, H, r]
@@ -197,10 +182,12 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
             src = src.contiguous()
         srcs.append(src)
     (ks, vs), c = srcs, layout_constexprs(layout, minimum_tile=1)
-    gaps = slot_gaps(layout) + [(0, 0)] * 3
+    gaps = layout.gaps()
+    assert len(gaps) <= 3 and all(nbytes < 4 for _, nbytes in gaps), f"unexpected slot padding {gaps}"
+    gaps += [(0, 0)] * 3
     for i, (off, nbytes) in enumerate(gaps[:3]):
         c[f"GAP{i}"], c[f"GAP{i}_LEN"] = off, nbytes
     _store_kernel[(n,)](
         ks, ks.stride(0), ks.stride(1), vs, vs.stride(0), vs.stride(1),
-        kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), slot_mapping,
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1), slot_mapping,
         H=h, H_TILE=next_pow2(h), BLOCK_SIZE=block_size, **c, num_warps=4)

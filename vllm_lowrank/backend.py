@@ -1,8 +1,9 @@
 """The ``lowrank`` attention backend: vLLM's paged KV cache kept compressed, per layer.
 
 Registered as ``AttentionBackendEnum.CUSTOM`` (``get_name()`` must return an existing member name).
-The KV cache of a layer is a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]; the
-spec that vLLM sees (``patches/kv_cache_spec.py``) has ``head_size = slot_bytes / 2`` so that its
+The KV cache of a layer is a uint8 tensor [num_blocks, num_kv_heads, block_size, slot_bytes], each
+(block, head) page laid out field by field (:func:`vllm_lowrank.formats.cache_shape`); the spec that
+vLLM sees (``patches/kv_cache_spec.py``) has ``head_size = slot_bytes / 2`` so that its
 page size is the compressed one. K/V are stored by ``do_kv_cache_update`` before ``forward``.
 
 On CUDA the Triton kernels of :mod:`vllm_lowrank.kernels` store and attend; elsewhere (the CPU) the
@@ -11,6 +12,7 @@ plain PyTorch path of :mod:`vllm_lowrank.reference` does, with the same contract
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +36,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import reference
 from .config import LowRankConfigError, layer_index
+from .formats import cache_shape
 from .plan import LayerState, build_layer_state, plugin_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler prints it
@@ -66,7 +69,7 @@ class LowRankBackend(AttentionBackend):
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
         # head_size is the spec's (slot_bytes / 2): K and V together fill one slot
-        return (num_blocks, block_size, num_kv_heads, 2 * head_size)
+        return cache_shape(num_blocks, block_size, num_kv_heads, 2 * head_size)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
@@ -208,17 +211,18 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         chunks and prefix-cache hits read the compressed cache (all of them, with prefill_from_cache)."""
         qsl = md.query_start_loc_cpu.tolist()
         seq_lens = md.seq_lens_cpu.tolist()
+        exact: list[int] = []
         paged: list[int] = []
         for i in range(md.num_decodes, md.num_reqs):
             q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
             if q1 <= q0:
                 continue
             if length == q1 - q0 and not self.config.prefill_from_cache:
-                k = key[q0:q1].view(-1, self.num_kv_heads, self.head_size)
-                v = value[q0:q1].view(-1, self.num_kv_heads, self.head_size)
-                out[q0:q1] = reference.exact_causal_attention(q[q0:q1], k, v, self.scale).to(out.dtype)
+                exact.append(i)
             else:
                 paged.append(i)
+        for a, b in _runs(exact):
+            self._exact_prefill(md, qsl, a, b, q, key, value, out)
         if not paged:
             return
         if _ops(q.device) is reference:
@@ -234,6 +238,43 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             kernels.paged_attention(q, kv_cache, md.block_table[a:b], md.seq_lens[a:b],
                                     md.query_start_loc[a:b + 1], max_q, st.layout, st.transforms,
                                     self.scale, out)
+
+
+    def _exact_prefill(self, md: LowRankMetadata, qsl: list[int], a: int, b: int, q: torch.Tensor,
+                       key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
+        """First chunks of requests a..b-1 (contiguous tokens) over their own uncompressed K/V: one
+        varlen FlashAttention call on CUDA (as vLLM's own backend), PyTorch SDPA per request elsewhere."""
+        q0, q1 = qsl[a], qsl[b]
+        k = key[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+        v = value[q0:q1].view(-1, self.num_kv_heads, self.head_size)
+        varlen = _flash_varlen(q.device, q.dtype, self.head_size)
+        if varlen is not None:
+            fn, fa_version = varlen
+            cu = md.query_start_loc[a:b + 1] - q0 if q0 else md.query_start_loc[a:b + 1]
+            max_q = max(qsl[i + 1] - qsl[i] for i in range(a, b))
+            fn(q=q[q0:q1], k=k, v=v, out=out[q0:q1], cu_seqlens_q=cu, max_seqlen_q=max_q, cu_seqlens_k=cu,
+               max_seqlen_k=max_q, softmax_scale=self.scale, causal=True, fa_version=fa_version)
+            return
+        for i in range(a, b):
+            r0, r1 = qsl[i] - q0, qsl[i + 1] - q0
+            out[q0 + r0:q0 + r1] = reference.exact_causal_attention(
+                q[q0 + r0:q0 + r1], k[r0:r1], v[r0:r1], self.scale).to(out.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_varlen(device: torch.device, dtype: torch.dtype, head_size: int):
+    """(flash_attn_varlen_func, fa_version) of vLLM's FlashAttention where it runs this case, else None."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_size > 256 or head_size % 8:
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    except ImportError:
+        return None
+    version = get_flash_attn_version(head_size=head_size)
+    if version is None:
+        return None
+    logger.info_once("lowrank: first prompt chunks run vLLM's FlashAttention %d on their exact K/V", version)
+    return flash_attn_varlen_func, version
 
 
 KERNELS_ENV = "VLLM_LOWRANK_KERNELS"

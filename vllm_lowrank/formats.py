@@ -1,16 +1,24 @@
-"""KV formats and the byte layout of one cache slot: the single source of truth.
+"""KV formats and the byte layout of the compressed cache: the single source of truth.
 
 A *tensor format* says how one of K or V is stored for one token and KV head:
 an optional transform (none; a Hadamard rotation; projection onto ``r`` basis
 vectors) followed by a storage type (the model dtype; ``int8`` or ``fp8`` e4m3 with
 one scale per token and head; ``int4`` asymmetric with a scale and zero point,
 two values a byte). A *layer format* pairs a K format with a V format, and its
-:class:`SlotLayout` gives the exact byte offsets of every field in one slot:
+:class:`SlotLayout` gives the fields of one (token, KV head) *slot*:
 
     slot = [K payload | V payload | scales, zero points], padded to alignment
 
-so that ``page_bytes = block_size * num_kv_heads * slot_bytes``. The KV cache spec,
-the PyTorch reference and the Triton kernels all read offsets from here.
+so that ``page_bytes = block_size * num_kv_heads * slot_bytes``.
+
+In the cache the slots are not stored one after another: a layer's cache is uint8
+``[num_blocks, num_kv_heads, block_size, slot_bytes]`` by shape (:func:`cache_shape`), and the
+``block_size * slot_bytes`` bytes of one (block, KV head) *page* hold each field of all its tokens
+together (struct of arrays): the field at slot offset ``off`` of ``n`` bytes of token ``t`` lives at
+page byte ``block_size * off + t * n`` (:meth:`SlotLayout.page_index`). Every field of a page then
+starts 16-byte aligned (block sizes are multiples of 16) and a block's scales are contiguous, so the
+kernels load payloads with wide vector loads whatever the slot size. The KV cache spec, the PyTorch
+reference and the Triton kernels all read offsets from here.
 
 Textual form of a tensor format: ``[transform+]storage`` where transform is
 ``hadamard`` or ``r<N>`` (basis of rank N) and storage is ``model`` (alias
@@ -186,6 +194,39 @@ class SlotLayout:
     def page_bytes(self, block_size: int, num_kv_heads: int) -> int:
         return block_size * num_kv_heads * self.slot_bytes
 
+    def segments(self) -> list[tuple[int, int]]:
+        """(slot offset, bytes) of every field and every alignment gap, in order: they tile the slot.
+
+        Each segment is one array of a page (``block_size`` elements of ``bytes``), gaps included, so
+        that the page is a permutation of its slots' bytes.
+        """
+        fields = sorted((off, n) for ts in (self.k, self.v) for off, n in (
+            (ts.payload_offset, ts.payload_bytes), (ts.scale_offset, SCALE_BYTES), (ts.zero_offset, SCALE_BYTES))
+            if off >= 0)
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for off, n in fields + [(self.slot_bytes, 0)]:
+            if off > pos:
+                out.append((pos, off - pos))
+            if n:
+                out.append((off, n))
+            pos = off + n
+        return out
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """(slot offset, bytes) of the alignment padding of a slot (no field covers it)."""
+        fields = {ts_off for ts in (self.k, self.v)
+                  for ts_off in (ts.payload_offset, ts.scale_offset, ts.zero_offset) if ts_off >= 0}
+        return [(off, n) for off, n in self.segments() if off not in fields]
+
+    def page_index(self, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """int64 [block_size, slot_bytes]: the page byte that holds byte ``b`` of token ``t``'s slot."""
+        idx = torch.empty(block_size, self.slot_bytes, dtype=torch.int64)
+        t = torch.arange(block_size)[:, None]
+        for off, n in self.segments():
+            idx[:, off:off + n] = block_size * off + t * n + torch.arange(n)[None, :]
+        return idx.to(device)
+
     @property
     def spec_head_size(self) -> int:
         """``head_size`` of the uint8 KV cache spec: K and V each get half of the slot."""
@@ -194,6 +235,12 @@ class SlotLayout:
     def compression_vs(self, dtype: torch.dtype = torch.bfloat16) -> float:
         """Uncompressed K+V bytes in ``dtype`` divided by this slot's bytes."""
         return 2 * self.head_dim * _itemsize(dtype) / self.slot_bytes
+
+
+def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, slot_bytes: int) -> tuple[int, ...]:
+    """Shape of a layer's uint8 cache; each [block, head] page of ``block_size * slot_bytes`` bytes is
+    laid out field by field (see the module docstring), not slot by slot."""
+    return (num_blocks, num_kv_heads, block_size, slot_bytes)
 
 
 def preset_format(name: str, rank_k: int | None = None, rank_v: int | None = None) -> LayerFormat:

@@ -1,18 +1,50 @@
 """Plain PyTorch store and paged attention over compressed slots: the CPU path and the kernels' oracle.
 
-Cache tensor: [num_blocks, block_size, H, slot_bytes] uint8, slot bytes as :class:`SlotLayout` says.
-A request's token j lives at slot ``block_table[req, j // block_size] * block_size + j % block_size``.
-Attention is computed in the latent space: the query is projected once (``P_k^T q``), scores use the
-original softmax scale, and values are rebuilt after the reduction (``P_v o_lat + c_v``).
+Cache tensor: uint8 [num_blocks, H, block_size, slot_bytes], each (block, head) page laid out field
+by field (:mod:`vllm_lowrank.formats`); :func:`read_slots`/:func:`write_slots` convert between it and
+slot rows [..., H, slot_bytes], which the codec encodes and decodes. A request's token j lives at slot
+``block_table[req, j // block_size] * block_size + j % block_size``. Attention is computed in the latent
+space: the query is projected once (``P_k^T q``), scores use the original softmax scale, and values are
+rebuilt after the reduction (``P_v o_lat + c_v``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .codec import decode_layer, encode_layer
 from .formats import SlotLayout
 from .transforms import LayerTransforms
+
+
+@functools.lru_cache(maxsize=64)
+def _page_index(layout: SlotLayout, block_size: int, device: torch.device) -> torch.Tensor:
+    return layout.page_index(block_size, device)
+
+
+def _page_coords(kv_cache: torch.Tensor, slots: torch.Tensor, layout: SlotLayout):
+    """(pages [num_blocks, H, page bytes] view, advanced index) addressing ``slots``' rows [..., H, slot]."""
+    nb, h, bs, sb = kv_cache.shape
+    assert sb == layout.slot_bytes, f"cache slot of {sb} bytes, layout has {layout.slot_bytes}"
+    pages = kv_cache.view(nb, h, bs * sb)
+    slots = slots.long()
+    idx = _page_index(layout, bs, kv_cache.device)[slots % bs]  # [..., sb]
+    heads = torch.arange(h, device=kv_cache.device)[:, None]
+    return pages, ((slots // bs)[..., None, None], heads, idx[..., None, :])
+
+
+def read_slots(kv_cache: torch.Tensor, slots: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    """Slot rows [..., H, slot_bytes] of cache slots ``slots`` [...] (non-negative)."""
+    pages, index = _page_coords(kv_cache, slots, layout)
+    return pages[index]
+
+
+def write_slots(kv_cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, layout: SlotLayout) -> None:
+    """Write slot rows [N, H, slot_bytes] to cache slots ``slots`` [N] (non-negative)."""
+    pages, index = _page_coords(kv_cache, slots, layout)
+    pages[index] = rows
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -25,9 +57,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
     valid = slots >= 0
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
-    rows = encode_layer(key, value, layout, transforms)
-    flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat[slots] = rows
+    write_slots(kv_cache, slots, encode_layer(key, value, layout, transforms), layout)
 
 
 def gather_slots(block_table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -39,8 +69,8 @@ def gather_slots(block_table_row: torch.Tensor, length: int, block_size: int) ->
 def request_latents(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
                     layout: SlotLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent K [L, H, r_k] and V [L, H, r_v] (float32) of one request's first ``length`` tokens."""
-    flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
-    return decode_layer(flat[gather_slots(block_table_row, length, kv_cache.shape[1])], layout)
+    slots = gather_slots(block_table_row, length, kv_cache.shape[2])
+    return decode_layer(read_slots(kv_cache, slots, layout), layout)
 
 
 def attend_latent(q_lat: torch.Tensor, k_lat: torch.Tensor, v_lat: torch.Tensor, q_pos: torch.Tensor,
@@ -81,7 +111,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     occupy the last ``q_len`` positions. Works for decodes, continuation chunks and prefix-cache hits.
     """
     hq = query.shape[1]
-    group = hq // kv_cache.shape[2]
+    group = hq // kv_cache.shape[1]
     for i, length in enumerate(seq_lens):
         q0, q1 = query_start_loc[i], query_start_loc[i + 1]
         if q1 <= q0:
@@ -100,15 +130,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     b = query.shape[0]
     if b == 0:
         return
-    hq, h, bs = query.shape[1], kv_cache.shape[2], kv_cache.shape[1]
+    hq, h, bs = query.shape[1], kv_cache.shape[1], kv_cache.shape[2]
     group = hq // h
     max_len = int(seq_lens.max())
     j = torch.arange(max_len, device=query.device)
     slots = block_table[:, :(max_len + bs - 1) // bs].long()[:, j // bs] * bs + j % bs  # [B, L]
     valid = j[None, :] < seq_lens[:, None].to(j.device)
     slots = torch.where(valid, slots, torch.zeros_like(slots))
-    flat = kv_cache.view(-1, h, kv_cache.shape[-1])
-    k_lat, v_lat = decode_layer(flat[slots], layout)  # [B, L, H, r]
+    k_lat, v_lat = decode_layer(read_slots(kv_cache, slots, layout), layout)  # [B, L, H, r]
     v_lat = v_lat.masked_fill(~valid[:, :, None, None], 0.0)  # padding rows hold stale bytes (maybe NaN)
     q_lat = transforms.k.project_query(query, group).view(b, h, group, -1)
     s = torch.einsum("bhgr,blhr->bhgl", q_lat, k_lat) * scale
