@@ -38,9 +38,6 @@ INT8_MAX: tl.constexpr = tl.constexpr(127.0)
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)
 INT4_MAX: tl.constexpr = tl.constexpr(15.0)
 TINY: tl.constexpr = tl.constexpr(1e-8)
-# stored bytes become fp16 by integer ops only (:func:`payload_f16`); e4m3 comes out 2**-8 too small,
-# which the kernels fold back into the fp8 scale
-FP8_RESCALE: tl.constexpr = tl.constexpr(256.0)
 # adding then subtracting 1.5 * 2**23 rounds a float32 |y| < 2**22 to the nearest integer, ties to
 # even, exactly like torch.round (libdevice.rint is not available in the interpreter)
 _RINT_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
@@ -88,17 +85,15 @@ def check_cache(kv_cache: torch.Tensor, layout: SlotLayout) -> tuple[int, int, i
 def dot_dtypes(layout: SlotLayout) -> dict:
     """Operand dtypes of the two attention dots.
 
-    A float32 model uses exact float32 dots. Otherwise a model-dtype K or V is dotted in the model
-    dtype, and a quantized one in fp16: int8, int4 and e4m3 payloads become exact fp16 values with a
-    few integer ops (:func:`payload_f16`) instead of the slow int/fp8 -> float conversion instructions,
-    and the query is rounded to fp16 (more mantissa than bf16; its range, 65504, is far above any
-    post-RoPE query's). Scaled values enter the PV dot as ``p * s_v / max(s_v)`` over the tile, in [0, 1].
+    QK: the model dtype (int8/fp8/int4 payloads are exact in fp16 and bf16). PV: the model dtype for a
+    model-dtype V; bf16 when V scales are folded into the probabilities (``p * scale`` can be far below
+    fp16's range, bf16 keeps float32's exponent). A float32 model uses exact float32 dots.
     """
     md = layout.model_dtype
     if md == torch.float32:
         return {"QK_DTYPE": tl.float32, "PV_DTYPE": tl.float32}
-    pick = lambda ts: TORCH_TO_TL[md] if ts.fmt.storage == "model" else tl.float16  # noqa: E731
-    return {"QK_DTYPE": pick(layout.k), "PV_DTYPE": pick(layout.v)}
+    pv = TORCH_TO_TL[md] if layout.v.fmt.storage == "model" else tl.bfloat16
+    return {"QK_DTYPE": TORCH_TO_TL[md], "PV_DTYPE": pv}
 
 
 @triton.jit
@@ -127,32 +122,6 @@ def dot(a, b, acc, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
-
-
-@triton.jit
-def payload_f16(b, STORAGE: tl.constexpr):
-    """fp16 values of stored payload bytes ``b`` (uint8), by integer ops and one fp16 subtraction.
-
-    int8: ``0x6400 | (b ^ 0x80)`` is the fp16 number ``1024 + 128 + x``; int4 (``b`` one nibble):
-    ``0x6400 | b`` is ``1024 + b``; e4m3: its sign, exponent and mantissa bits moved into fp16's
-    places give the value times ``2**-8`` exactly, subnormals included (:data:`FP8_RESCALE`).
-    """
-    w = b.to(tl.uint16)
-    if STORAGE == INT8:
-        return ((w ^ 0x80) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
-    elif STORAGE == FP8:
-        return (((w & 0x7F) << 7) | ((w & 0x80) << 8)).to(tl.float16, bitcast=True)
-    else:
-        return (w | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-
-
-@triton.jit
-def stored_scale(ptr, mask, STORAGE: tl.constexpr):
-    """float32 per-token scales at ``ptr`` (fp16), times :data:`FP8_RESCALE` for e4m3 payloads."""
-    scale = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    if STORAGE == FP8:
-        scale = scale * FP8_RESCALE
-    return scale
 
 
 @triton.jit
@@ -218,22 +187,29 @@ def tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum,
     c = tl.arange(0, RK_TILE)
     IS_F32: tl.constexpr = QK_DTYPE == tl.float32
     zero = tl.zeros((q_a.shape[0], page.shape[0]), dtype=tl.float32)
-    if K_STORAGE == MODEL:
-        m = tok_mask[:, None] & (c[None, :] < RK)
-        k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, MODEL_DTYPE)
-        k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
-        return dot(q_a, tl.trans(to_dot(k, QK_DTYPE)), zero, IS_F32, UPCAST)
-    k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.uint8)
     if K_STORAGE == INT4:
-        b = tl.load(k_ptr + c[None, :], mask=tok_mask[:, None] & (c[None, :] < (RK + 1) // 2), other=0)
-        s = dot(q_a, tl.trans(to_dot(payload_f16(b & 15, INT4), QK_DTYPE)), zero, IS_F32, UPCAST)
-        s = dot(q_b, tl.trans(to_dot(payload_f16(b >> 4, INT4), QK_DTYPE)), s, IS_F32, UPCAST)
+        m = tok_mask[:, None] & (c[None, :] < (RK + 1) // 2)
+        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.uint8)
+                    + c[None, :], mask=m, other=0)
+        s = dot(q_a, tl.trans(to_dot(b & 15, QK_DTYPE)), zero, IS_F32, UPCAST)
+        s = dot(q_b, tl.trans(to_dot(b >> 4, QK_DTYPE)), s, IS_F32, UPCAST)
     else:
-        b = tl.load(k_ptr + c[None, :], mask=tok_mask[:, None] & (c[None, :] < RK), other=0)
-        s = dot(q_a, tl.trans(to_dot(payload_f16(b, K_STORAGE), QK_DTYPE)), zero, IS_F32, UPCAST)
-    k_scale = stored_scale(field_ptr(cache_ptr, page, within, K_SCALE_OFF, 2, BLOCK_SIZE, tl.float16), tok_mask,
-                           K_STORAGE)
-    s = s * k_scale[None, :]
+        m = tok_mask[:, None] & (c[None, :] < RK)
+        if K_STORAGE == MODEL:
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, MODEL_DTYPE)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
+        elif K_STORAGE == INT8:
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.int8)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0)
+        else:
+            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE,
+                              tl.float8e4nv)
+            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
+        s = dot(q_a, tl.trans(to_dot(k, QK_DTYPE)), zero, IS_F32, UPCAST)
+    if K_STORAGE != MODEL:
+        k_scale = tl.load(field_ptr(cache_ptr, page, within, K_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
+                          mask=tok_mask, other=0.0)
+        s = s * k_scale.to(tl.float32)[None, :]
     if K_STORAGE == INT4:
         k_zero = tl.load(field_ptr(cache_ptr, page, within, K_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
                          mask=tok_mask, other=0.0)
@@ -250,38 +226,42 @@ def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask,
 
     ``p`` [M, BLOCK_N] float32 (zero at masked tokens). ``acc_a`` [M, RV_TILE] takes all channels
     (even channels for int4), ``acc_b`` the odd channels of int4 and ``acc_z`` [M] the int4 zero term
-    ``sum_j p_j zero_j``, added to every latent channel at the end. Per-token V scales ``s_j`` enter
-    the dot as ``p_j s_j / s_max`` (``s_max`` the tile's largest scale; the weights stay in [0, 1],
-    where fp16 keeps full precision) and the dot's result is multiplied by ``s_max``.
+    ``sum_j p_j zero_j``, added to every latent channel at the end.
     """
     c = tl.arange(0, RV_TILE)
     IS_F32: tl.constexpr = PV_DTYPE == tl.float32
-    if V_STORAGE == MODEL:
-        m = tok_mask[:, None] & (c[None, :] < RV)
-        v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, MODEL_DTYPE)
-        v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
-        return dot(p.to(PV_DTYPE), to_dot(v, PV_DTYPE), acc_a, IS_F32, UPCAST), acc_b, acc_z
-    v_scale = stored_scale(field_ptr(cache_ptr, page, within, V_SCALE_OFF, 2, BLOCK_SIZE, tl.float16), tok_mask,
-                           V_STORAGE)
-    s_max = tl.max(v_scale, axis=0)
-    s_max = tl.where(s_max > 0, s_max, 1.0)
-    pv = (p * (v_scale / s_max)[None, :]).to(PV_DTYPE)
-    zero = tl.zeros(acc_a.shape, dtype=tl.float32)
-    v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.uint8)
+    if V_STORAGE != MODEL:
+        v_scale = tl.load(field_ptr(cache_ptr, page, within, V_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
+                          mask=tok_mask, other=0.0)
+        pv = (p * v_scale.to(tl.float32)[None, :]).to(PV_DTYPE)
+    else:
+        pv = p.to(PV_DTYPE)
     if V_STORAGE == INT4:
-        b = tl.load(v_ptr + c[None, :], mask=tok_mask[:, None] & (c[None, :] < (RV + 1) // 2), other=0)
-        acc_a += s_max * dot(pv, to_dot(payload_f16(b & 15, INT4), PV_DTYPE), zero, IS_F32, UPCAST)
-        acc_b += s_max * dot(pv, to_dot(payload_f16(b >> 4, INT4), PV_DTYPE), zero, IS_F32, UPCAST)
+        m = tok_mask[:, None] & (c[None, :] < (RV + 1) // 2)
+        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.uint8)
+                    + c[None, :], mask=m, other=0)
+        acc_a = dot(pv, to_dot(b & 15, PV_DTYPE), acc_a, IS_F32, UPCAST)
+        acc_b = dot(pv, to_dot(b >> 4, PV_DTYPE), acc_b, IS_F32, UPCAST)
         # zero term with the same rounded weights as the nibble dot: v = s * (q4 + zero / s), so that
         # the rounding error of p * s multiplies v (not the much larger q4 * s; they cancel otherwise)
         v_zero = tl.load(field_ptr(cache_ptr, page, within, V_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
                          mask=tok_mask, other=0.0).to(tl.float32)
-        z_over_s = tl.where(v_scale > 0, v_zero / tl.where(v_scale > 0, v_scale, 1.0), 0.0)
-        acc_z += tl.sum(tl.where(v_scale[None, :] > 0, s_max * pv.to(tl.float32) * z_over_s[None, :],
-                                 p * v_zero[None, :]), axis=1)
+        vs = v_scale.to(tl.float32)
+        z_over_s = tl.where(vs > 0, v_zero / tl.where(vs > 0, vs, 1.0), 0.0)
+        acc_z += tl.sum(tl.where(vs[None, :] > 0, pv.to(tl.float32) * z_over_s[None, :], p * v_zero[None, :]), axis=1)
     else:
-        b = tl.load(v_ptr + c[None, :], mask=tok_mask[:, None] & (c[None, :] < RV), other=0)
-        acc_a += s_max * dot(pv, to_dot(payload_f16(b, V_STORAGE), PV_DTYPE), zero, IS_F32, UPCAST)
+        m = tok_mask[:, None] & (c[None, :] < RV)
+        if V_STORAGE == MODEL:
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, MODEL_DTYPE)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
+        elif V_STORAGE == INT8:
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.int8)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0)
+        else:
+            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE,
+                              tl.float8e4nv)
+            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
+        acc_a = dot(pv, to_dot(v, PV_DTYPE), acc_a, IS_F32, UPCAST)
     return acc_a, acc_b, acc_z
 
 
