@@ -24,13 +24,14 @@ from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_c
                      next_pow2, project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["req_start"])
 def _prefill_kernel(
     q_ptr, stride_qt, stride_qh,  # queries [T, Hq, RK]: projected (float32) or raw (model dtype)
     cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
     STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes), a constexpr: known alignment
     block_table_ptr, stride_btb,  # int32 [num_reqs, max_blocks]
     seq_lens_ptr, query_start_ptr,  # int32 [num_reqs], [num_reqs + 1]
+    req_start,  # first request of this launch (program 0 of grid dim 0)
     out_ptr, stride_ot, stride_oh,  # [T, Hq, D] model dtype
     basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
     qk_scale,  # softmax scale * log2(e)
@@ -44,7 +45,7 @@ def _prefill_kernel(
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
 ):
     """Attention of ``BLOCK_Q`` query tokens x one query group over their causal compressed context."""
-    b = tl.program_id(0)
+    b = tl.program_id(0) + req_start
     q_tile = tl.program_id(1)
     h = tl.program_id(2)
     M: tl.constexpr = BLOCK_Q * G_P2
@@ -106,16 +107,20 @@ def _prefill_kernel(
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                     layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor,
-                    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+                    requests: tuple[int, int] | None = None, block_m: int = 64, block_n: int = 64,
+                    num_warps: int = 4, num_stages: int = 2) -> None:
     """Causal attention of every query token over its request's compressed context, into ``out``.
 
     Like :func:`vllm_lowrank.reference.paged_attention`, except that ``seq_lens`` [R] and
     ``query_start_loc`` [R + 1] are int32 tensors on the device (not lists) and ``max_query_len`` (a
     host int, an upper bound of the chunks' lengths) sizes the grid. query/out: [T, Hq, D] (last dim
-    contiguous); ``seq_lens[i]`` counts request i's context including its new tokens.
+    contiguous); ``seq_lens[i]`` counts request i's context including its new tokens. ``requests``
+    = (first, end) restricts the launch to those requests; it is a kernel argument rather than a slice
+    of the metadata tensors, so that one compiled kernel serves every batch (sliced pointers change
+    Triton's alignment specialisation and would compile a variant per offset).
     """
-    num_reqs = seq_lens.shape[0]
-    if num_reqs == 0 or max_query_len == 0:
+    first, end = requests if requests is not None else (0, seq_lens.shape[0])
+    if end <= first or max_query_len == 0:
         return
     t, hq, d = query.shape
     _, h, block_size = check_cache(kv_cache, layout)
@@ -123,18 +128,17 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     assert block_table.stride(-1) == 1
     group = hq // h
     g_p2 = next_pow2(group)
-    block_q = max(1, block_m // g_p2)
-    block_q = min(block_q, max(1, next_pow2(max_query_len)))  # short chunks: fewer padded rows
-    block_q = max(block_q, -(-16 // g_p2))  # M = block_q * g_p2 >= 16 for tl.dot
+    # fixed by the group alone (not by the chunk lengths): one compiled variant per layer format
+    block_q = max(1, block_m // g_p2, -(-16 // g_p2))  # M = block_q * g_p2 >= 16 for tl.dot
 
     q = project_queries(query, transforms.k, h)
     if q.stride(-1) != 1:
         q = q.contiguous()
     basis, offset, has_basis, has_offset = transform_args(transforms.v, q)
-    grid = (num_reqs, triton.cdiv(max_query_len, block_q), h)
+    grid = (end - first, triton.cdiv(max_query_len, block_q), h)
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
-        block_table, block_table.stride(0), seq_lens, query_start_loc, out, out.stride(0), out.stride(1),
+        block_table, block_table.stride(0), seq_lens, query_start_loc, first, out, out.stride(0), out.stride(1),
         basis, offset, scale * LOG2E,
         G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d,
         D_TILE=max(16, next_pow2(d)), **layout_constexprs(layout), **dot_dtypes(layout),

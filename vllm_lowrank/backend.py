@@ -235,9 +235,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
 
         for a, b in _runs(paged):  # one launch per contiguous run of requests (usually one)
             max_q = max(qsl[i + 1] - qsl[i] for i in range(a, b))
-            kernels.paged_attention(q, kv_cache, md.block_table[a:b], md.seq_lens[a:b],
-                                    md.query_start_loc[a:b + 1], max_q, st.layout, st.transforms,
-                                    self.scale, out)
+            kernels.paged_attention(q, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, max_q,
+                                    st.layout, st.transforms, self.scale, out, requests=(a, b))
 
 
     def _exact_prefill(self, md: LowRankMetadata, qsl: list[int], a: int, b: int, q: torch.Tensor,
