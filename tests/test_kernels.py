@@ -208,13 +208,6 @@ def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=1
     err = _rel(out, ref)
     tol = _tol(dtype, layout)
     assert err < tol, f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {tol:.0e}"
-    # a launch over requests 1.. only (the backend's runs) writes exactly their rows, the same values
-    part = torch.full_like(q, float("nan"))
-    K.paged_attention(q, cache, bt, torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                      torch.tensor(qsl, dtype=torch.int32, device=device), max(n for _, n in seq_q[1:]), layout,
-                      tr, d ** -0.5, part, requests=(1, len(seq_q)), block_m=block_m, block_n=block_n)
-    assert part[:qsl[1]].isnan().all() and not part[qsl[1]:].isnan().any(), f"seed={seed}: wrong rows written"
-    assert torch.equal(part[qsl[1]:], out[qsl[1]:]), f"seed={seed}: a partial launch differs"
     return err
 
 
