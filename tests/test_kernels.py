@@ -128,6 +128,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, layout: SlotLayout, what: str) -> float:
+    """Every output element written (outputs start as NaN) and within the tolerance of the oracle."""
+    assert not out.isnan().any(), f"{what}: output not fully written"
+    err = _rel(out, ref)
+    tol = _tol(dtype, layout)
+    assert err < tol, f"{what}: rel err {err:.2e} > {tol:.0e}"
+    return err
+
+
 # ------------------------------------------------------------------------------------------------ store
 
 STORE_SPECS = ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8", "lowrank+fp8",
@@ -204,10 +213,7 @@ def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=1
                     float("nan"), device=device)
     K.decode_attention(q, cache, bt, sl, layout, tr, d ** -0.5, out, num_splits=num_splits, workspace=ws,
                        block_n=block_n)
-    assert not out.isnan().any(), f"seed={seed}: output not fully written"
-    err = _rel(out, ref)
-    tol = _tol(dtype, layout)
-    assert err < tol, f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {tol:.0e}"
+    err = _check_close(out, ref, dtype, layout, f"seed={seed} {spec} {dtype}")
     return err
 
 
@@ -264,10 +270,7 @@ def _check_prefill(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=
     K.paged_attention(q, cache, bt, torch.tensor(seq_lens, dtype=torch.int32, device=device),
                       torch.tensor(qsl, dtype=torch.int32, device=device), max(n for _, n in seq_q), layout, tr,
                       d ** -0.5, out, block_m=block_m, block_n=block_n)
-    assert not out.isnan().any(), f"seed={seed}: output not fully written"
-    err = _rel(out, ref)
-    tol = _tol(dtype, layout)
-    assert err < tol, f"seed={seed} {spec} {dtype}: rel err {err:.2e} > {tol:.0e}"
+    err = _check_close(out, ref, dtype, layout, f"seed={seed} {spec} {dtype}")
     # a launch over requests 1.. only (the backend's runs) writes exactly their rows, the same values
     part = torch.full_like(q, float("nan"))
     K.paged_attention(q, cache, bt, torch.tensor(seq_lens, dtype=torch.int32, device=device),

@@ -176,6 +176,40 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
 
 
 @triton.jit
+def load_payload(cache_ptr, page, within, tok_mask, STORAGE: tl.constexpr, OFF: tl.constexpr,
+                 NBYTES: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 MODEL_DTYPE: tl.constexpr):
+    """Latent payloads [BLOCK_N, R_TILE] of a tile of tokens in their stored dtype (model dtype, int8 or
+    e4m3; not int4), zero at masked tokens and padded channels."""
+    c = tl.arange(0, R_TILE)
+    m = tok_mask[:, None] & (c[None, :] < R)
+    if STORAGE == MODEL:
+        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE)
+        return tl.load(ptr + c[None, :], mask=m, other=0.0)
+    elif STORAGE == INT8:
+        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.int8)
+        return tl.load(ptr + c[None, :], mask=m, other=0)
+    else:
+        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.float8e4nv)
+        return tl.load(ptr + c[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE: tl.constexpr):
+    """One online-softmax step over a tile of scores ``s`` [M, BLOCK_N] (log2 units, -inf where masked):
+    returns the tile's weights ``p`` and the running max, sum and accumulators rescaled to the new max."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc_a = acc_a * alpha[:, None]
+    if V_STORAGE == INT4:
+        acc_b = acc_b * alpha[:, None]
+        acc_z = acc_z * alpha
+    return p, m_new, l_i, acc_a, acc_b, acc_z
+
+
+@triton.jit
 def tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum,
                 K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
                 K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -194,17 +228,8 @@ def tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum,
         s = dot(q_a, tl.trans(to_dot(b & 15, QK_DTYPE)), zero, IS_F32, UPCAST)
         s = dot(q_b, tl.trans(to_dot(b >> 4, QK_DTYPE)), s, IS_F32, UPCAST)
     else:
-        m = tok_mask[:, None] & (c[None, :] < RK)
-        if K_STORAGE == MODEL:
-            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, MODEL_DTYPE)
-            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
-        elif K_STORAGE == INT8:
-            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.int8)
-            k = tl.load(k_ptr + c[None, :], mask=m, other=0)
-        else:
-            k_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE,
-                              tl.float8e4nv)
-            k = tl.load(k_ptr + c[None, :], mask=m, other=0.0)
+        k = load_payload(cache_ptr, page, within, tok_mask, K_STORAGE, K_OFF, K_BYTES, RK, RK_TILE,
+                         BLOCK_SIZE, MODEL_DTYPE)
         s = dot(q_a, tl.trans(to_dot(k, QK_DTYPE)), zero, IS_F32, UPCAST)
     if K_STORAGE != MODEL:
         k_scale = tl.load(field_ptr(cache_ptr, page, within, K_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
@@ -250,17 +275,8 @@ def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask,
         z_over_s = tl.where(vs > 0, v_zero / tl.where(vs > 0, vs, 1.0), 0.0)
         acc_z += tl.sum(tl.where(vs[None, :] > 0, pv.to(tl.float32) * z_over_s[None, :], p * v_zero[None, :]), axis=1)
     else:
-        m = tok_mask[:, None] & (c[None, :] < RV)
-        if V_STORAGE == MODEL:
-            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, MODEL_DTYPE)
-            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
-        elif V_STORAGE == INT8:
-            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.int8)
-            v = tl.load(v_ptr + c[None, :], mask=m, other=0)
-        else:
-            v_ptr = field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE,
-                              tl.float8e4nv)
-            v = tl.load(v_ptr + c[None, :], mask=m, other=0.0)
+        v = load_payload(cache_ptr, page, within, tok_mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE,
+                         BLOCK_SIZE, MODEL_DTYPE)
         acc_a = dot(pv, to_dot(v, PV_DTYPE), acc_a, IS_F32, UPCAST)
     return acc_a, acc_b, acc_z
 

@@ -24,7 +24,7 @@ from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
-                     project_queries, store_output, tile_pv, tile_scores, token_rows, transform_args)
+                     project_queries, softmax_step, store_output, tile_pv, tile_scores, token_rows, transform_args)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -38,10 +38,10 @@ def _decode_split_kernel(
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # splits per request (= grid dim 2)
     G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr, K_ZERO_OFF: tl.constexpr,
-    RK: tl.constexpr, RK_TILE: tl.constexpr,
-    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr, V_ZERO_OFF: tl.constexpr,
-    RV: tl.constexpr, RV_TILE: tl.constexpr,
+    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+    K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partial attention of one request's query group over one split of its cached tokens."""
@@ -75,18 +75,10 @@ def _decode_split_kernel(
         s = tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF,
                         K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
         s = tl.where(tok_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc_a = acc_a * alpha[:, None]
-        if V_STORAGE == INT4:
-            acc_b = acc_b * alpha[:, None]
-            acc_z = acc_z * alpha
+        p, m_i, l_i, acc_a, acc_b, acc_z = softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE)
         acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask, V_STORAGE, V_OFF,
                                       V_BYTES, V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE,
                                       PV_DTYPE, UPCAST)
-        m_i = m_new
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))

@@ -238,7 +238,6 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             kernels.paged_attention(q, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, max_q,
                                     st.layout, st.transforms, self.scale, out, requests=(a, b))
 
-
     def _exact_prefill(self, md: LowRankMetadata, qsl: list[int], a: int, b: int, q: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
         """First chunks of requests a..b-1 (contiguous tokens) over their own uncompressed K/V: one

@@ -200,12 +200,9 @@ class SlotLayout:
         Each segment is one array of a page (``block_size`` elements of ``bytes``), gaps included, so
         that the page is a permutation of its slots' bytes.
         """
-        fields = sorted((off, n) for ts in (self.k, self.v) for off, n in (
-            (ts.payload_offset, ts.payload_bytes), (ts.scale_offset, SCALE_BYTES), (ts.zero_offset, SCALE_BYTES))
-            if off >= 0)
         out: list[tuple[int, int]] = []
         pos = 0
-        for off, n in fields + [(self.slot_bytes, 0)]:
+        for off, n in sorted(self._fields()) + [(self.slot_bytes, 0)]:
             if off > pos:
                 out.append((pos, off - pos))
             if n:
@@ -215,9 +212,14 @@ class SlotLayout:
 
     def gaps(self) -> list[tuple[int, int]]:
         """(slot offset, bytes) of the alignment padding of a slot (no field covers it)."""
-        fields = {ts_off for ts in (self.k, self.v)
-                  for ts_off in (ts.payload_offset, ts.scale_offset, ts.zero_offset) if ts_off >= 0}
-        return [(off, n) for off, n in self.segments() if off not in fields]
+        fields = set(self._fields())
+        return [seg for seg in self.segments() if seg not in fields]
+
+    def _fields(self) -> list[tuple[int, int]]:
+        """(slot offset, bytes) of every field present: payloads, scales, zero points."""
+        return [(off, n) for ts in (self.k, self.v) for off, n in (
+            (ts.payload_offset, ts.payload_bytes), (ts.scale_offset, SCALE_BYTES), (ts.zero_offset, SCALE_BYTES))
+            if off >= 0]
 
     def page_index(self, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 [block_size, slot_bytes]: the page byte that holds byte ``b`` of token ``t``'s slot."""
