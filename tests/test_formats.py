@@ -91,7 +91,8 @@ def test_every_preset_builds():
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_page_index_is_field_major_permutation(block_size):
     """A page holds each field of all its tokens together: a permutation of the slots' bytes in which
-    every field (and gap) of the slot is one array starting at ``block_size * offset``, 16-byte aligned."""
+    every field (and gap) of the slot is one array starting at ``block_size * offset``, 16-byte aligned;
+    token-major except a quantized V payload, stored byte column by byte column."""
     for kf, vf in itertools.product(TENSOR_FORMATS, repeat=2):
         layout = SlotLayout.build(LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)), 64, torch.bfloat16)
         idx = layout.page_index(block_size)
@@ -102,6 +103,9 @@ def test_page_index_is_field_major_permutation(block_size):
             assert off + n == nxt
             region = idx[:, off:off + n]
             assert int(region[0, 0]) == block_size * off and (block_size * off) % 16 == 0
-            assert torch.equal(region.flatten(), torch.arange(block_size * off, block_size * (off + n)))
+            transposed = off == layout.v.payload_offset and TensorFormat.parse(vf).storage != "model"
+            assert layout.v.transposed == (TensorFormat.parse(vf).storage != "model") and not layout.k.transposed
+            flat = (region.T if transposed else region).flatten()
+            assert torch.equal(flat, torch.arange(block_size * off, block_size * (off + n)))
         assert {off for off, _ in layout.gaps()}.isdisjoint(
             {layout.k.payload_offset, layout.v.payload_offset, layout.k.scale_offset, layout.v.scale_offset})

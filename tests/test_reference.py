@@ -208,7 +208,8 @@ def test_real_kv_attention(real_qkv, fmt, tol, gen):
 
 def test_slots_round_trip_field_major(gen):
     """write_slots/read_slots round-trip arbitrary rows, and a page holds field f of token t at
-    ``block_size * off + t * n`` (checked on the raw bytes, independently of page_index)."""
+    ``block_size * off + t * n``, byte j of a quantized V payload at ``block_size * off + j * block_size
+    + t`` (checked on the raw bytes, independently of page_index)."""
     layout = SlotLayout.build(LayerFormat(TensorFormat.parse("r13+int4"), TensorFormat.parse("int8")), 64,
                               torch.bfloat16)
     nb, bs, h = 5, 16, 3
@@ -222,9 +223,12 @@ def test_slots_round_trip_field_major(gen):
     untouched[slots] = False
     others = torch.arange(nb * bs)[untouched]
     assert torch.equal(reference.read_slots(cache, others, layout), reference.read_slots(before, others, layout))
-    ts = layout.v  # the int8 payload, then its scale
+    k, v = layout.k, layout.v  # K: r13+int4 token-major; V: int8, its payload transposed
+    assert v.transposed and not k.transposed
     for i, s in enumerate(slots.tolist()):
         page = cache[s // bs].reshape(h, -1)
         t = s % bs
-        for off, n in ((ts.payload_offset, ts.payload_bytes), (ts.scale_offset, 2)):
+        for off, n in ((k.payload_offset, k.payload_bytes), (k.scale_offset, 2), (v.scale_offset, 2)):
             assert torch.equal(page[:, bs * off + t * n: bs * off + (t + 1) * n], rows[i, :, off:off + n])
+        off, n = v.payload_offset, v.payload_bytes
+        assert torch.equal(page[:, bs * off + t: bs * (off + n): bs], rows[i, :, off:off + n])

@@ -67,6 +67,7 @@ def layout_constexprs(layout: SlotLayout, minimum_tile: int = 16) -> dict:
             f"{name}_BYTES": ts.payload_bytes,
             f"{name}_SCALE_OFF": max(ts.scale_offset, 0),
             f"{name}_ZERO_OFF": max(ts.zero_offset, 0),
+            f"{name}_T": ts.transposed,
             f"R{name}": ts.latent_dim,
             f"R{name}_TILE": latent_tile(ts, minimum_tile),
         })
@@ -85,15 +86,18 @@ def check_cache(kv_cache: torch.Tensor, layout: SlotLayout) -> tuple[int, int, i
 def dot_dtypes(layout: SlotLayout) -> dict:
     """Operand dtypes of the two attention dots.
 
-    QK: the model dtype (int8/fp8/int4 payloads are exact in fp16 and bf16). PV: the model dtype for a
-    model-dtype V; bf16 when V scales are folded into the probabilities (``p * scale`` can be far below
-    fp16's range, bf16 keeps float32's exponent). A float32 model uses exact float32 dots.
+    A model-dtype tensor keeps the model dtype (no conversion at all). A quantized one uses fp16: int8,
+    4-bit and e4m3 codes are exact in fp16 and convert to it cheaply (:func:`to_dot`), unlike bf16, and
+    fp16 has 3 more mantissa bits. Its range is handled exactly: queries are scaled by a power of two
+    per row (:func:`load_query`), and the weights ``p * v_scale`` divided by the tile's largest V scale
+    (:func:`tile_pv`). A float32 model uses exact float32 dots.
     """
     md = layout.model_dtype
     if md == torch.float32:
         return {"QK_DTYPE": tl.float32, "PV_DTYPE": tl.float32}
-    pv = TORCH_TO_TL[md] if layout.v.fmt.storage == "model" else tl.bfloat16
-    return {"QK_DTYPE": TORCH_TO_TL[md], "PV_DTYPE": pv}
+    qk = TORCH_TO_TL[md] if layout.k.fmt.storage == "model" else tl.float16
+    pv = TORCH_TO_TL[md] if layout.v.fmt.storage == "model" else tl.float16
+    return {"QK_DTYPE": qk, "PV_DTYPE": pv}
 
 
 @triton.jit
@@ -124,74 +128,193 @@ def dot(a, b, acc, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+# byte -> fp16 on the bits, four bytes a 32-bit register: prmt puts bytes 0, 1 (then 2, 3) of ``u`` under
+# the fp16 exponent byte 0x64, giving 1024 + u, and one packed subtraction removes the bias
+def _bytes_to_f16_asm(pick: str, bias: str) -> tl.constexpr:
+    return tl.constexpr("{ .reg .b32 u, bias; " + pick + " prmt.b32 $0, u, 0x64646464, 0x4140;"
+                        f" prmt.b32 $1, u, 0x64646464, 0x4342; mov.b32 bias, {bias};"
+                        " sub.f16x2 $0, $0, bias; sub.f16x2 $1, $1, bias; }")
+
+
+# int8 x: u = x ^ 0x80 = x + 128, minus 1152 (0x6480); 4-bit codes: u = the nibble, minus 1024 (0x6400)
+_INT8_F16_ASM = _bytes_to_f16_asm("xor.b32 u, $2, 0x80808080;", "0x64806480")
+_LOW_NIBBLE_F16_ASM = _bytes_to_f16_asm("and.b32 u, $2, 0x0F0F0F0F;", "0x64006400")
+_HIGH_NIBBLE_F16_ASM = _bytes_to_f16_asm("shr.b32 u, $2, 4; and.b32 u, u, 0x0F0F0F0F;", "0x64006400")
+
+
 @triton.jit
-def to_dot(x, DTYPE: tl.constexpr):
-    """Convert a loaded payload tile to a dot operand dtype (integers through float32, which is exact
-    and also what the interpreter needs: it has no direct integer -> bf16 conversion)."""
-    if x.dtype.is_int():
+def _int8_to_f16(x):
+    """int8 -> fp16, exact, four a register."""
+    return tl.inline_asm_elementwise(_INT8_F16_ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _nibbles_to_f16(b, HIGH: tl.constexpr):
+    """The low (or high) 4-bit codes of bytes ``b`` -> fp16, exact, four bytes a register."""
+    if HIGH:
+        return tl.inline_asm_elementwise(_HIGH_NIBBLE_F16_ASM, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                         pack=4)
+    else:
+        return tl.inline_asm_elementwise(_LOW_NIBBLE_F16_ASM, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                         pack=4)
+
+
+@triton.jit
+def to_dot(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Convert a loaded payload tile to a dot operand dtype.
+
+    int8 -> fp16 on the bits, four at a time, with no conversion instruction (the hardware's run 16 a
+    clock per SM, too few for a memory-bound loop; e4m3 -> fp16 has a packed one). The interpreter
+    (``UPCAST``) has no inline assembly: there, integers go through float32, which is exact too.
+    """
+    if DTYPE == tl.float16 and x.dtype == tl.int8 and not UPCAST:
+        return _int8_to_f16(x)
+    elif x.dtype.is_int():
         return x.to(tl.float32).to(DTYPE)
     else:
         return x.to(DTYPE)
 
 
 @triton.jit
-def field_ptr(cache_ptr, page, within, OFF: tl.constexpr, NBYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-              DTYPE: tl.constexpr):
-    """Pointer(s) to the field at slot offset ``OFF`` (``NBYTES`` per token) of tokens ``within`` of
-    pages ``page``, typed ``DTYPE``."""
-    return (cache_ptr + page + BLOCK_SIZE * OFF + within * NBYTES).to(tl.pointer_type(DTYPE))
+def nibbles_to_dot(b, HIGH: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """The low (or high) 4-bit codes of a byte tile as a dot operand (see :func:`to_dot`)."""
+    if DTYPE == tl.float16 and not UPCAST:
+        return _nibbles_to_f16(b, HIGH)
+    elif HIGH:
+        return (b >> 4).to(tl.float32).to(DTYPE)
+    else:
+        return (b & 15).to(tl.float32).to(DTYPE)
 
 
 @triton.jit
-def token_rows(block_table_ptr, tok, tok_mask, BLOCK_SIZE: tl.constexpr, stride_blk, head_off):
-    """(page, within) of tokens ``tok`` (a request's positions) of one KV head: int64 byte offsets of
-    their (block, head) pages (``head_off`` = head * page bytes) and their index inside the block."""
-    blk = tl.load(block_table_ptr + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-    return blk * stride_blk + head_off, (tok % BLOCK_SIZE).to(tl.int64)
+def field_ptr(cache_ptr, page, within, OFF: tl.constexpr, NBYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """Pointer(s) to column 0 of the field at slot offset ``OFF`` (``NBYTES`` per token) of tokens
+    ``within`` of pages ``page``, typed ``DTYPE``; column ``c`` is at ``+ c * column_stride(...)``."""
+    if TRANSPOSED:
+        return (cache_ptr + page + BLOCK_SIZE * OFF + within).to(tl.pointer_type(DTYPE))
+    else:
+        return (cache_ptr + page + BLOCK_SIZE * OFF + within * NBYTES).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def column_stride(TRANSPOSED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Elements between consecutive columns of a field: 1, or ``BLOCK_SIZE`` bytes when transposed."""
+    if TRANSPOSED:
+        return BLOCK_SIZE
+    else:
+        return 1
+
+
+@triton.jit
+def tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               TILE_B: tl.constexpr, MASKED: tl.constexpr):
+    """The pages of a tile of ``BLOCK_N`` tokens ``t0 ..`` (``t0`` a multiple of ``BLOCK_N``) of one KV head.
+
+    The tile is ``NB = BLOCK_N // TILE_B`` rows of ``TILE_B = min(BLOCK_SIZE, BLOCK_N)`` consecutive tokens
+    of one block each: one block-table read per row, never per token. Returns ``page`` [NB] (int64 byte
+    offsets of the (block, head) pages; block 0's for rows past ``end``), ``w0`` (the index within its
+    block of a row's first token: 0 unless a block spans several tiles) and ``mask`` [NB, TILE_B] (tokens
+    before ``end``; a constant true unless ``MASKED``, for tiles known to end before ``end``).
+    """
+    first = t0 + tl.arange(0, BLOCK_N // TILE_B) * TILE_B
+    if MASKED:
+        blk = tl.load(bt_row + first // BLOCK_SIZE, mask=first < end, other=0).to(tl.int64)
+        mask = (first[:, None] + tl.arange(0, TILE_B)[None, :]) < end
+    else:
+        blk = tl.load(bt_row + first // BLOCK_SIZE).to(tl.int64)
+        mask = tl.full((BLOCK_N // TILE_B, TILE_B), 1, dtype=tl.int1)
+    if TILE_B < BLOCK_SIZE:
+        w0 = t0 % BLOCK_SIZE
+    else:
+        w0 = 0
+    return blk * stride_blk + head_off, w0, mask
+
+
+@triton.jit
+def tile_field(cache_ptr, page, w0, OFF: tl.constexpr, NBYTES: tl.constexpr, NCOL: tl.constexpr,
+               TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, DTYPE: tl.constexpr,
+               TRANSPOSED: tl.constexpr = False):
+    """Pointers [NB, TILE_B, NCOL] to columns ``0 .. NCOL`` of a field of a tile's tokens (see tile_pages)."""
+    t = w0 + tl.arange(0, TILE_B)[None, :, None]
+    c = tl.arange(0, NCOL)[None, None, :]
+    return field_ptr(cache_ptr, page[:, None, None], t, OFF, NBYTES, BLOCK_SIZE, DTYPE, TRANSPOSED) + \
+        c * column_stride(TRANSPOSED, BLOCK_SIZE)
+
+
+@triton.jit
+def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The fp16 scales (or zero points) at slot offset ``OFF`` of a tile's tokens, float32 [BLOCK_N],
+    zero past the end."""
+    t = w0 + tl.arange(0, TILE_B)[None, :]
+    x = tl.load(field_ptr(cache_ptr, page[:, None], t, OFF, 2, BLOCK_SIZE, tl.float16), mask=mask, other=0.0)
+    return tl.reshape(x, (mask.shape[0] * TILE_B,)).to(tl.float32)
 
 
 @triton.jit
 def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
                QK_DTYPE: tl.constexpr):
-    """Query tiles [M, RK_TILE] in ``QK_DTYPE`` from row pointers ``q_rows``, and ``sum(q)`` per row.
+    """Query tiles [M, RK_TILE] in ``QK_DTYPE`` from row pointers ``q_rows``, ``sum(q)`` and the scale
+    of each row's scores.
 
-    Returns ``(q_a, q_b, q_sum)``: for int4 K, ``q_a``/``q_b`` hold the even/odd channels; otherwise
-    ``q_a`` is the whole query and ``q_b`` is ``q_a``. ``q_sum`` (the int4 zero-point term) is summed
-    over the rounded query, so that its rounding error cancels with the dot's.
+    Returns ``(q_a, q_b, q_sum, q_mul)``: for int4 K, ``q_a``/``q_b`` hold the even/odd channels;
+    otherwise ``q_a`` is the whole query and ``q_b`` is ``q_a``. ``q_sum`` (the int4 zero-point term) is
+    summed over the rounded query, so that its rounding error cancels with the dot's. For fp16 dots a
+    row is first multiplied by a power of two that brings its largest element into [256, 512) (exact,
+    and safe from fp16 overflow whatever the model's range); ``q_mul`` [M] undoes it on the scores.
     """
     c = tl.arange(0, RK_TILE)
     if K_STORAGE == INT4:
         ev = 2 * c
-        q_a = tl.load(q_rows[:, None] + ev[None, :], mask=row_mask[:, None] & (ev[None, :] < RK),
-                      other=0.0).to(QK_DTYPE)
+        q_a = tl.load(q_rows[:, None] + ev[None, :], mask=row_mask[:, None] & (ev[None, :] < RK), other=0.0)
         q_b = tl.load(q_rows[:, None] + ev[None, :] + 1, mask=row_mask[:, None] & (ev[None, :] + 1 < RK),
-                      other=0.0).to(QK_DTYPE)
+                      other=0.0)
+    else:
+        q_a = tl.load(q_rows[:, None] + c[None, :], mask=row_mask[:, None] & (c[None, :] < RK), other=0.0)
+        q_b = q_a
+    q_a = q_a.to(tl.float32)
+    q_b = q_b.to(tl.float32)
+    q_mul = tl.full((q_rows.shape[0],), 1.0, dtype=tl.float32)
+    if QK_DTYPE == tl.float16:
+        amax = tl.maximum(tl.max(tl.abs(q_a), axis=1), tl.max(tl.abs(q_b), axis=1))
+        e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9), 253)  # biased exponent
+        q_a = q_a * ((262 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # * 2**(135 - e)
+        q_b = q_b * ((262 - e) << 23).to(tl.float32, bitcast=True)[:, None]
+        q_mul = ((e - 8) << 23).to(tl.float32, bitcast=True)  # 2**(e - 135)
+    q_a = q_a.to(QK_DTYPE)
+    q_b = q_b.to(QK_DTYPE)
+    if K_STORAGE == INT4:
         q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)
     else:
-        q_a = tl.load(q_rows[:, None] + c[None, :], mask=row_mask[:, None] & (c[None, :] < RK),
-                      other=0.0).to(QK_DTYPE)
-        q_b = q_a
         q_sum = tl.zeros((q_rows.shape[0],), dtype=tl.float32)
-    return q_a, q_b, q_sum
+    return q_a, q_b, q_sum, q_mul
 
 
 @triton.jit
-def load_payload(cache_ptr, page, within, tok_mask, STORAGE: tl.constexpr, OFF: tl.constexpr,
-                 NBYTES: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 MODEL_DTYPE: tl.constexpr):
-    """Latent payloads [BLOCK_N, R_TILE] of a tile of tokens in their stored dtype (model dtype, int8 or
-    e4m3; not int4), zero at masked tokens and padded channels."""
-    c = tl.arange(0, R_TILE)
-    m = tok_mask[:, None] & (c[None, :] < R)
+def load_payload(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr,
+                 NVALID: tl.constexpr, NCOL: tl.constexpr, TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 MODEL_DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr, MASK_TOKENS: tl.constexpr):
+    """The payloads [BLOCK_N, NCOL] of a tile of tokens in their stored dtype (model dtype, int8, e4m3;
+    int4 as raw bytes of two channels each), zero past column ``NVALID`` and, if ``MASK_TOKENS``, at
+    tokens past the end (otherwise whatever their page holds: callers mask the scores or the weights)."""
     if STORAGE == MODEL:
-        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE)
-        return tl.load(ptr + c[None, :], mask=m, other=0.0)
+        dtype: tl.constexpr = MODEL_DTYPE
     elif STORAGE == INT8:
-        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.int8)
-        return tl.load(ptr + c[None, :], mask=m, other=0)
+        dtype: tl.constexpr = tl.int8
+    elif STORAGE == FP8:
+        dtype: tl.constexpr = tl.float8e4nv
     else:
-        ptr = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.float8e4nv)
-        return tl.load(ptr + c[None, :], mask=m, other=0.0)
+        dtype: tl.constexpr = tl.uint8
+    ptr = tile_field(cache_ptr, page, w0, OFF, NBYTES, NCOL, TILE_B, BLOCK_SIZE, dtype, TRANSPOSED)
+    c = tl.arange(0, NCOL)[None, None, :]
+    zero = tl.zeros((1, 1, 1), dtype=dtype)
+    if MASK_TOKENS:
+        x = tl.load(ptr, mask=mask[:, :, None] & (c < NVALID), other=zero)
+    elif NVALID < NCOL:
+        x = tl.load(ptr, mask=c < NVALID, other=zero)
+    else:
+        x = tl.load(ptr)
+    return tl.reshape(x, (mask.shape[0] * TILE_B, NCOL))
 
 
 @triton.jit
@@ -210,75 +333,113 @@ def softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE: tl.constexpr):
 
 
 @triton.jit
-def tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum,
+def tile_scores(cache_ptr, page, w0, mask, q_a, q_b, q_sum,
                 K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-                K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+                K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+                TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr,
+                UPCAST: tl.constexpr):
     """Raw scores ``q . k_j`` [M, BLOCK_N] (float32) of query tiles against a tile of cached keys.
 
-    ``q_a``/``q_b`` are already in ``QK_DTYPE``; masked tokens read as zero keys.
+    ``q_a``/``q_b`` are already in ``QK_DTYPE``. Columns of tokens past the end are arbitrary (their
+    keys are not masked): the caller masks the scores.
     """
-    c = tl.arange(0, RK_TILE)
     IS_F32: tl.constexpr = QK_DTYPE == tl.float32
-    zero = tl.zeros((q_a.shape[0], page.shape[0]), dtype=tl.float32)
+    zero = tl.zeros((q_a.shape[0], mask.shape[0] * TILE_B), dtype=tl.float32)
     if K_STORAGE == INT4:
-        m = tok_mask[:, None] & (c[None, :] < (RK + 1) // 2)
-        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], K_OFF, K_BYTES, BLOCK_SIZE, tl.uint8)
-                    + c[None, :], mask=m, other=0)
-        s = dot(q_a, tl.trans(to_dot(b & 15, QK_DTYPE)), zero, IS_F32, UPCAST)
-        s = dot(q_b, tl.trans(to_dot(b >> 4, QK_DTYPE)), s, IS_F32, UPCAST)
+        b = load_payload(cache_ptr, page, w0, mask, K_STORAGE, K_OFF, K_BYTES, (RK + 1) // 2, RK_TILE, TILE_B,
+                         BLOCK_SIZE, MODEL_DTYPE, K_T, False)
+        s = dot(q_a, tl.trans(nibbles_to_dot(b, False, QK_DTYPE, UPCAST)), zero, IS_F32, UPCAST)
+        s = dot(q_b, tl.trans(nibbles_to_dot(b, True, QK_DTYPE, UPCAST)), s, IS_F32, UPCAST)
     else:
-        k = load_payload(cache_ptr, page, within, tok_mask, K_STORAGE, K_OFF, K_BYTES, RK, RK_TILE,
-                         BLOCK_SIZE, MODEL_DTYPE)
-        s = dot(q_a, tl.trans(to_dot(k, QK_DTYPE)), zero, IS_F32, UPCAST)
+        k = load_payload(cache_ptr, page, w0, mask, K_STORAGE, K_OFF, K_BYTES, RK, RK_TILE, TILE_B, BLOCK_SIZE,
+                         MODEL_DTYPE, K_T, False)
+        s = dot(q_a, tl.trans(to_dot(k, QK_DTYPE, UPCAST)), zero, IS_F32, UPCAST)
     if K_STORAGE != MODEL:
-        k_scale = tl.load(field_ptr(cache_ptr, page, within, K_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
-                          mask=tok_mask, other=0.0)
-        s = s * k_scale.to(tl.float32)[None, :]
+        s = s * tile_scales(cache_ptr, page, w0, mask, K_SCALE_OFF, TILE_B, BLOCK_SIZE)[None, :]
     if K_STORAGE == INT4:
-        k_zero = tl.load(field_ptr(cache_ptr, page, within, K_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
-                         mask=tok_mask, other=0.0)
-        s += q_sum[:, None] * k_zero.to(tl.float32)[None, :]
+        s += q_sum[:, None] * tile_scales(cache_ptr, page, w0, mask, K_ZERO_OFF, TILE_B, BLOCK_SIZE)[None, :]
     return s
 
 
 @triton.jit
-def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask,
+def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, w0, mask,
             V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-            V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            MODEL_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+            V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+            TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
+            UPCAST: tl.constexpr):
     """Accumulate ``sum_j p_j v_j`` of a tile of cached values into the latent accumulators.
 
-    ``p`` [M, BLOCK_N] float32 (zero at masked tokens). ``acc_a`` [M, RV_TILE] takes all channels
+    ``p`` [M, BLOCK_N] float32 (zero at tokens past the end). ``acc_a`` [M, RV_TILE] takes all channels
     (even channels for int4), ``acc_b`` the odd channels of int4 and ``acc_z`` [M] the int4 zero term
-    ``sum_j p_j zero_j``, added to every latent channel at the end.
+    ``sum_j p_j zero_j``, added to every latent channel at the end. Past the end, scales read as zero
+    and model-dtype payloads as zero; int8 and int4 payloads are finite whatever the page holds, and
+    e4m3 ones are zeroed after the load (a stale byte may be NaN).
     """
-    c = tl.arange(0, RV_TILE)
     IS_F32: tl.constexpr = PV_DTYPE == tl.float32
-    if V_STORAGE != MODEL:
-        v_scale = tl.load(field_ptr(cache_ptr, page, within, V_SCALE_OFF, 2, BLOCK_SIZE, tl.float16),
-                          mask=tok_mask, other=0.0)
-        pv = (p * v_scale.to(tl.float32)[None, :]).to(PV_DTYPE)
+    if V_STORAGE == MODEL:
+        v = load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, TILE_B, BLOCK_SIZE,
+                         MODEL_DTYPE, V_T, True)
+        return dot(p.to(PV_DTYPE), v.to(PV_DTYPE), acc_a, IS_F32, UPCAST), acc_b, acc_z
+    # the V scales are folded into the weights; for fp16 weights divided by the tile's largest one
+    # (multiplied back on the products) so that they stay in [0, 1]: fp16 cannot hold p * scale
+    v_scale = tile_scales(cache_ptr, page, w0, mask, V_SCALE_OFF, TILE_B, BLOCK_SIZE)
+    if PV_DTYPE == tl.float16:
+        s_max = tl.max(v_scale, axis=0)
+        s_max = tl.where(s_max > 0, s_max, 1.0)
     else:
-        pv = p.to(PV_DTYPE)
+        s_max = 1.0
+    pv = (p * (v_scale / s_max)[None, :]).to(PV_DTYPE)
+    zero = tl.zeros(acc_a.shape, dtype=tl.float32)
     if V_STORAGE == INT4:
-        m = tok_mask[:, None] & (c[None, :] < (RV + 1) // 2)
-        b = tl.load(field_ptr(cache_ptr, page[:, None], within[:, None], V_OFF, V_BYTES, BLOCK_SIZE, tl.uint8)
-                    + c[None, :], mask=m, other=0)
-        acc_a = dot(pv, to_dot(b & 15, PV_DTYPE), acc_a, IS_F32, UPCAST)
-        acc_b = dot(pv, to_dot(b >> 4, PV_DTYPE), acc_b, IS_F32, UPCAST)
+        b = load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, (RV + 1) // 2, RV_TILE, TILE_B,
+                         BLOCK_SIZE, MODEL_DTYPE, V_T, False)
+        acc_a += s_max * dot(pv, nibbles_to_dot(b, False, PV_DTYPE, UPCAST), zero, IS_F32, UPCAST)
+        acc_b += s_max * dot(pv, nibbles_to_dot(b, True, PV_DTYPE, UPCAST), zero, IS_F32, UPCAST)
         # zero term with the same rounded weights as the nibble dot: v = s * (q4 + zero / s), so that
         # the rounding error of p * s multiplies v (not the much larger q4 * s; they cancel otherwise)
-        v_zero = tl.load(field_ptr(cache_ptr, page, within, V_ZERO_OFF, 2, BLOCK_SIZE, tl.float16),
-                         mask=tok_mask, other=0.0).to(tl.float32)
-        vs = v_scale.to(tl.float32)
-        z_over_s = tl.where(vs > 0, v_zero / tl.where(vs > 0, vs, 1.0), 0.0)
-        acc_z += tl.sum(tl.where(vs[None, :] > 0, pv.to(tl.float32) * z_over_s[None, :], p * v_zero[None, :]), axis=1)
+        v_zero = tile_scales(cache_ptr, page, w0, mask, V_ZERO_OFF, TILE_B, BLOCK_SIZE)
+        z_over_s = tl.where(v_scale > 0, v_zero / tl.where(v_scale > 0, v_scale, 1.0), 0.0)
+        acc_z += tl.sum(tl.where(v_scale[None, :] > 0, s_max * pv.to(tl.float32) * z_over_s[None, :],
+                                 p * v_zero[None, :]), axis=1)
     else:
-        v = load_payload(cache_ptr, page, within, tok_mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE,
-                         BLOCK_SIZE, MODEL_DTYPE)
-        acc_a = dot(pv, to_dot(v, PV_DTYPE), acc_a, IS_F32, UPCAST)
+        v = to_dot(load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, TILE_B,
+                                BLOCK_SIZE, MODEL_DTYPE, V_T, False), PV_DTYPE, UPCAST)
+        if V_STORAGE == FP8:
+            v = tl.where(tl.reshape(mask, (mask.shape[0] * TILE_B,))[:, None], v, 0.0)
+        acc_a += s_max * dot(pv, v, zero, IS_F32, UPCAST)
     return acc_a, acc_b, acc_z
+
+
+@triton.jit
+def attend_tile(t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
+                q_a, q_b, q_sum, qk_row,
+                K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+                K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+                V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
+                V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_B: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+                QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """One step of the attention loop over the tile of cached tokens ``t0 .. t0 + BLOCK_N``: scores,
+    online softmax, values. Returns the updated ``(m_i, l_i, acc_a, acc_b, acc_z)``.
+
+    ``MASKED``: the tile may reach past ``end`` (or, if ``CAUSAL``, past a row's position ``pos`` [M]);
+    the loops run their other tiles unmasked, which keeps every predicate out of the hot loop.
+    """
+    page, w0, mask = tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE, BLOCK_N, TILE_B, MASKED)
+    s = tile_scores(cache_ptr, page, w0, mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF,
+                    K_ZERO_OFF, K_T, RK, RK_TILE, TILE_B, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_row[:, None]
+    if MASKED:
+        tok = t0 + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            s = tl.where((tok < end)[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where((tok < end)[None, :], s, float("-inf"))
+    p, m_i, l_i, acc_a, acc_b, acc_z = softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE)
+    acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES,
+                                  V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, TILE_B, BLOCK_SIZE, MODEL_DTYPE,
+                                  PV_DTYPE, UPCAST)
+    return m_i, l_i, acc_a, acc_b, acc_z
 
 
 @triton.jit

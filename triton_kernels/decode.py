@@ -24,7 +24,7 @@ from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
-                     project_queries, softmax_step, store_output, tile_pv, tile_scores, token_rows, transform_args)
+                     project_queries, store_output, transform_args, attend_tile)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -37,11 +37,11 @@ def _decode_split_kernel(
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # splits per request (= grid dim 2)
-    G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_B: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-    K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-    V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partial attention of one request's query group over one split of its cached tokens."""
@@ -58,7 +58,8 @@ def _decode_split_kernel(
     g = tl.arange(0, G_TILE)
     g_mask = g < G
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-    q_a, q_b, q_sum = load_query(q_rows, g_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+    q_a, q_b, q_sum, q_mul = load_query(q_rows, g_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+    qk_row = q_mul * qk_scale
 
     m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_TILE,), dtype=tl.float32)
@@ -68,17 +69,19 @@ def _decode_split_kernel(
 
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * STRIDE_CHEAD
-    for t0 in range(start, end, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        tok_mask = tok < end
-        page, within = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, head_off)
-        s = tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF,
-                        K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
-        s = tl.where(tok_mask[None, :], s, float("-inf"))
-        p, m_i, l_i, acc_a, acc_b, acc_z = softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE)
-        acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask, V_STORAGE, V_OFF,
-                                      V_BYTES, V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE,
-                                      PV_DTYPE, UPCAST)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before it lie inside the request
+    for t0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+            t0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b, q_sum,  # pos: unused
+            qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE, V_OFF, V_BYTES,
+            V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE, QK_DTYPE, PV_DTYPE,
+            UPCAST, False, False)
+    if full_end < end:
+        m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+            full_end, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+            q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE, V_OFF,
+            V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE, QK_DTYPE,
+            PV_DTYPE, UPCAST, True, False)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
@@ -177,6 +180,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     assert block_table.stride(-1) == 1
     group = hq // h
     rv = layout.v.latent_dim
+    assert max(block_size, block_n) % min(block_size, block_n) == 0, "tiles are whole blocks or parts of one"
     if num_splits is None:
         num_splits = default_num_splits(batch, h, query.device, block_n=block_n)
     need = workspace_numel(batch, hq, rv, num_splits)
@@ -194,7 +198,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     _decode_split_kernel[(batch, h, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
-        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
         **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), num_warps=num_warps, num_stages=num_stages)
 
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)

@@ -21,8 +21,7 @@ from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query,
-                     next_pow2, project_queries, softmax_step, store_output, tile_pv, tile_scores, token_rows,
-                     transform_args)
+                     next_pow2, project_queries, store_output, transform_args, attend_tile)
 
 
 @triton.jit(do_not_specialize=["req_start"])
@@ -37,11 +36,11 @@ def _prefill_kernel(
     basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
     qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, G_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_B: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-    K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-    V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
 ):
@@ -62,7 +61,8 @@ def _prefill_kernel(
         row_mask = (qi < q_len) & (g < G)
         pos = seq_len - q_len + tl.minimum(qi, q_len - 1)  # padding rows reuse the last token's position
         q_rows = q_ptr + (q0 + tl.minimum(qi, q_len - 1)).to(tl.int64) * stride_qt + (h * G + g) * stride_qh
-        q_a, q_b, q_sum = load_query(q_rows, row_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+        q_a, q_b, q_sum, q_mul = load_query(q_rows, row_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+        qk_row = q_mul * qk_scale
 
         m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((M,), dtype=tl.float32)
@@ -73,17 +73,20 @@ def _prefill_kernel(
         bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
         head_off = h.to(tl.int64) * STRIDE_CHEAD
         end = seq_len - q_len + tl.minimum(first + BLOCK_Q, q_len)  # past the tile's last position
-        for t0 in range(0, end, BLOCK_N):
-            tok = t0 + tl.arange(0, BLOCK_N)
-            tok_mask = tok < end
-            page, within = token_rows(bt_row, tok, tok_mask, BLOCK_SIZE, stride_cblk, head_off)
-            s = tile_scores(cache_ptr, page, within, tok_mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES,
-                            K_SCALE_OFF, K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_scale
-            s = tl.where(tok_mask[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
-            p, m_i, l_i, acc_a, acc_b, acc_z = softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE)
-            acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, within, tok_mask, V_STORAGE,
-                                          V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE,
-                                          MODEL_DTYPE, PV_DTYPE, UPCAST)
+        # tiles before the tile's first query position need neither the causal nor the end mask
+        free_end = (seq_len - q_len + first + 1) // BLOCK_N * BLOCK_N
+        for t0 in range(0, free_end, BLOCK_N):
+            m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+                t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
+                V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
+                QK_DTYPE, PV_DTYPE, UPCAST, False, True)
+        for t0 in range(free_end, end, BLOCK_N):
+            m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+                t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
+                V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
+                QK_DTYPE, PV_DTYPE, UPCAST, True, True)
 
         inv_l = 1.0 / l_i  # every row sees at least token 0
         out_rows = out_ptr + (q0 + qi).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
@@ -121,6 +124,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     assert block_table.stride(-1) == 1
     group = hq // h
     g_p2 = next_pow2(group)
+    assert max(block_size, block_n) % min(block_size, block_n) == 0, "tiles are whole blocks or parts of one"
     # fixed by the group alone (not by the chunk lengths): one compiled variant per layer format
     block_q = max(1, block_m // g_p2, -(-16 // g_p2))  # M = block_q * g_p2 >= 16 for tl.dot
 
@@ -133,7 +137,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), seq_lens, query_start_loc, first, out, out.stride(0), out.stride(1),
         basis, offset, scale * LOG2E,
-        G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d,
+        G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        TILE_B=min(block_size, block_n), D=d,
         D_TILE=max(16, next_pow2(d)), **layout_constexprs(layout), **dot_dtypes(layout),
         UPCAST=interpreted(_prefill_kernel), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
         num_warps=num_warps, num_stages=num_stages)

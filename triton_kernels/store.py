@@ -16,7 +16,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, check_cache, field_ptr,
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, check_cache, column_stride, field_ptr,
                      layout_constexprs, next_pow2, rint)
 
 
@@ -67,13 +67,14 @@ def _stored_scale(s):
 @triton.jit
 def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, head_mask,
                    STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
-                   ZERO_OFF: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
+                   ZERO_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
     """Quantize the latents of one token [H, R] (rows of ``src``) and write them into its pages."""
     hh = tl.arange(0, H_TILE)
     c = tl.arange(0, R_TILE)
     src = src_ptr + tok.to(tl.int64) * stride_sn + hh[:, None] * stride_sh
     scale_ptr = field_ptr(cache_ptr, page, within, SCALE_OFF, 2, BLOCK_SIZE, tl.float16)
+    col = c[None, :] * column_stride(TRANSPOSED, BLOCK_SIZE)
     if STORAGE == INT4:
         ev = 2 * c
         ma = head_mask[:, None] & (ev[None, :] < R)
@@ -91,20 +92,20 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
         qb = tl.clamp(rint(tl.math.div_rn(xb - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
         qa = tl.where(ma, qa, 0.0).to(tl.uint8)
         qb = tl.where(mb, qb, 0.0).to(tl.uint8)
-        payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8)
-        tl.store(payload + c[None, :], qa | (qb << 4), mask=ma)
+        payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8, TRANSPOSED)
+        tl.store(payload + col, qa | (qb << 4), mask=ma)
         tl.store(scale_ptr, s16, mask=head_mask)
         tl.store(field_ptr(cache_ptr, page, within, ZERO_OFF, 2, BLOCK_SIZE, tl.float16), z16, mask=head_mask)
     else:
         m = head_mask[:, None] & (c[None, :] < R)
         x = tl.load(src + c[None, :], mask=m, other=0.0)
         if STORAGE == MODEL:
-            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE)
-            tl.store(payload + c[None, :], _cast_rtne(x, MODEL_DTYPE), mask=m)
+            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE, TRANSPOSED)
+            tl.store(payload + col, _cast_rtne(x, MODEL_DTYPE), mask=m)
         else:
             x = x.to(tl.float32)
             absmax = tl.max(tl.abs(x), axis=1)
-            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8)
+            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8, TRANSPOSED)
             if STORAGE == INT8:
                 s16, scale = _stored_scale(tl.math.div_rn(absmax, INT8_MAX))
                 y = tl.math.div_rn(x, scale[:, None])
@@ -113,7 +114,7 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
                 s16, scale = _stored_scale(tl.math.div_rn(absmax, FP8_MAX))
                 y = tl.math.div_rn(x, scale[:, None])
                 q = _fp8e4m3_bits(tl.clamp(y, -FP8_MAX, FP8_MAX))
-            tl.store(payload + c[None, :], q, mask=m)
+            tl.store(payload + col, q, mask=m)
             tl.store(scale_ptr, s16, mask=head_mask)
 
 
@@ -137,9 +138,9 @@ def _store_kernel(
     slot_mapping_ptr,  # [N] int, < 0: padding
     H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-    K_ZERO_OFF: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-    V_ZERO_OFF: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     GAP0: tl.constexpr, GAP0_LEN: tl.constexpr, GAP1: tl.constexpr, GAP1_LEN: tl.constexpr,
     GAP2: tl.constexpr, GAP2_LEN: tl.constexpr,
 ):
@@ -156,9 +157,9 @@ def _store_kernel(
     page = (slot // BLOCK_SIZE) * stride_cblk + hh.to(tl.int64) * STRIDE_CHEAD
     within = slot % BLOCK_SIZE
     _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, page, within, head_mask, K_STORAGE, K_OFF, K_BYTES,
-                   K_SCALE_OFF, K_ZERO_OFF, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
+                   K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
     _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, page, within, head_mask, V_STORAGE, V_OFF, V_BYTES,
-                   V_SCALE_OFF, V_ZERO_OFF, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
+                   V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
     _zero_gap(cache_ptr, page, within, head_mask, GAP0, GAP0_LEN, BLOCK_SIZE, H_TILE)
     _zero_gap(cache_ptr, page, within, head_mask, GAP1, GAP1_LEN, BLOCK_SIZE, H_TILE)
     _zero_gap(cache_ptr, page, within, head_mask, GAP2, GAP2_LEN, BLOCK_SIZE, H_TILE)

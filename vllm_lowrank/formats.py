@@ -17,8 +17,13 @@ In the cache the slots are not stored one after another: a layer's cache is uint
 together (struct of arrays): the field at slot offset ``off`` of ``n`` bytes of token ``t`` lives at
 page byte ``block_size * off + t * n`` (:meth:`SlotLayout.page_index`). Every field of a page then
 starts 16-byte aligned (block sizes are multiples of 16) and a block's scales are contiguous, so the
-kernels load payloads with wide vector loads whatever the slot size. The KV cache spec, the PyTorch
-reference and the Triton kernels all read offsets from here.
+kernels load payloads with wide vector loads whatever the slot size. One exception: a quantized V
+payload (int8, fp8, int4: one byte a column) is stored *transposed*, byte column by byte column: byte
+``j`` of token ``t`` at page byte ``block_size * off + j * block_size + t``. The attention kernels
+reduce over tokens in ``P @ V``, and a tensor-core operand wants consecutive tokens of one channel
+side by side; 16-bit payloads get that from the hardware's transposing loads, bytes do not
+(``TensorSlot.transposed``). The KV cache spec, the PyTorch reference and the Triton kernels all read
+offsets from here.
 
 Textual form of a tensor format: ``[transform+]storage`` where transform is
 ``hadamard`` or ``r<N>`` (basis of rank N) and storage is ``model`` (alias
@@ -148,6 +153,7 @@ class TensorSlot:
     payload_bytes: int
     scale_offset: int = -1
     zero_offset: int = -1
+    transposed: bool = False  # payload stored byte column by byte column in a page (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,8 @@ class SlotLayout:
         def tslot(name: str, f: TensorFormat) -> TensorSlot:
             return TensorSlot(f, f.latent_dim(head_dim), offsets[f"{name}.payload"],
                               f.payload_bytes(head_dim, model_dtype),
-                              offsets.get(f"{name}.scale", -1), offsets.get(f"{name}.zero", -1))
+                              offsets.get(f"{name}.scale", -1), offsets.get(f"{name}.zero", -1),
+                              transposed=name == "v" and f.storage != "model")
 
         return SlotLayout(tslot("k", fmt.k), tslot("v", fmt.v), slot_bytes, head_dim, model_dtype)
 
@@ -225,8 +232,10 @@ class SlotLayout:
         """int64 [block_size, slot_bytes]: the page byte that holds byte ``b`` of token ``t``'s slot."""
         idx = torch.empty(block_size, self.slot_bytes, dtype=torch.int64)
         t = torch.arange(block_size)[:, None]
+        transposed = {ts.payload_offset for ts in (self.k, self.v) if ts.transposed}
         for off, n in self.segments():
-            idx[:, off:off + n] = block_size * off + t * n + torch.arange(n)[None, :]
+            j = torch.arange(n)[None, :]
+            idx[:, off:off + n] = block_size * off + (t + j * block_size if off in transposed else t * n + j)
         return idx.to(device)
 
     @property
