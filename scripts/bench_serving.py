@@ -92,6 +92,40 @@ def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args,
     return row
 
 
+def run_latency(vllm: list[str], model: Path, name: str, extra: list[str], batch: int, args, logdir: Path) -> dict:
+    """``vllm bench latency`` of one variant at one batch size (ample memory: vLLM's default KV size)."""
+    tag = f"latency-{name.replace(':', '_')}-b{batch}"
+    js = logdir / f"{tag}.json"
+    cmd = [*vllm, "bench", "latency", "--model", str(model), "--load-format", "dummy",
+           "--batch-size", str(batch), "--input-len", str(args.input_len), "--output-len", str(args.latency_output_len),
+           "--num-iters-warmup", "2", "--num-iters", str(args.latency_iters), "--max-model-len",
+           str(args.max_model_len), "--output-json", str(js), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=logdir)
+    log = proc.stdout + proc.stderr
+    (logdir / f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + log)
+    row = {"variant": name, "batch": batch, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
+    if js.exists():
+        data = json.loads(js.read_text())
+        row["avg_latency_s"] = data.get("avg_latency")
+        row["p50_latency_s"] = (data.get("percentiles") or {}).get("50")
+    if proc.returncode:
+        row["error"] = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+    return row
+
+
+def print_latency_table(rows: list[dict]) -> None:
+    base = {r["batch"]: r.get("p50_latency_s") for r in rows if r["variant"] == "auto"}
+    print(f"\n{'variant':<22} {'batch':>6} {'median s':>9} {'mean s':>8} {'x auto':>7}")
+    for r in rows:
+        if r.get("error") or r.get("p50_latency_s") is None:
+            print(f"{r['variant']:<22} {r['batch']:>6} ERROR rc={r['rc']}: {r.get('error')}")
+            continue
+        b = base.get(r["batch"])
+        ratio = f"{r['p50_latency_s'] / b:.3f}" if b else "-"
+        print(f"{r['variant']:<22} {r['batch']:>6} {r['p50_latency_s']:>9.4f} {r['avg_latency_s']:>8.4f} {ratio:>7}")
+
+
 def print_table(rows: list[dict]) -> None:
     by = {r["variant"]: r for r in rows}
 
@@ -118,12 +152,17 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
                          "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x)")
-    ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="throughput runs only")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--latency", default=None, metavar="BATCHES",
+                    help="instead of throughput: `vllm bench latency` at these comma-separated batch sizes "
+                         "(vLLM's default KV cache size, i.e. ample memory), e.g. 1,32")
+    ap.add_argument("--latency-output-len", type=int, default=128)
+    ap.add_argument("--latency-iters", type=int, default=5)
     args = ap.parse_args()
 
     from tqdm import tqdm
@@ -145,6 +184,16 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(variants)}")
     rows = []
+    if args.latency:
+        runs = [(name, int(b)) for name in chosen for b in args.latency.split(",")]
+        for name, batch in tqdm(runs, desc=f"vllm bench latency ({args.shape})"):
+            extra = [a for a in variants[name]]
+            rows.append(run_latency(vllm, model, name, extra, batch, args, args.out))
+            (args.out / f"latency-{args.shape}.json").write_text(json.dumps(rows, indent=1))
+        print(f"\nshape {args.shape}, vllm bench latency, {args.input_len} in / {args.latency_output_len} out, "
+              f"median of {args.latency_iters} iterations")
+        print_latency_table(rows)
+        return
     for name in tqdm(chosen, desc=f"vllm bench throughput ({args.shape})"):
         rows.append(run_variant(vllm, model, name, variants[name], args, args.out))
         (args.out / f"throughput-{args.shape}.json").write_text(json.dumps(rows, indent=1))

@@ -235,11 +235,23 @@ def tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE: tl.constexpr, 
 def tile_field(cache_ptr, page, w0, OFF: tl.constexpr, NBYTES: tl.constexpr, NCOL: tl.constexpr,
                TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, DTYPE: tl.constexpr,
                TRANSPOSED: tl.constexpr = False):
-    """Pointers [NB, TILE_B, NCOL] to columns ``0 .. NCOL`` of a field of a tile's tokens (see tile_pages)."""
-    t = w0 + tl.arange(0, TILE_B)[None, :, None]
-    c = tl.arange(0, NCOL)[None, None, :]
-    return field_ptr(cache_ptr, page[:, None, None], t, OFF, NBYTES, BLOCK_SIZE, DTYPE, TRANSPOSED) + \
-        c * column_stride(TRANSPOSED, BLOCK_SIZE)
+    """Pointers to columns ``0 .. NCOL`` of a field of a tile's tokens (see tile_pages).
+
+    Token-major fields: [BLOCK_N, NCOL], contiguous along columns. Transposed fields: [NB, TILE_B, NCOL],
+    so that the compiler sees a block's tokens contiguous (and loads them as vectors); the caller
+    reshapes the loaded tile.
+    """
+    if TRANSPOSED:
+        t = w0 + tl.arange(0, TILE_B)[None, :, None]
+        c = tl.arange(0, NCOL)[None, None, :]
+        return field_ptr(cache_ptr, page[:, None, None], t, OFF, NBYTES, BLOCK_SIZE, DTYPE, True) + c * BLOCK_SIZE
+    else:
+        n: tl.constexpr = page.shape[0] * TILE_B
+        # page byte offsets are multiples of 16 (cache_shape); the reshape hides it from the compiler
+        page_tok = tl.multiple_of(tl.reshape(tl.broadcast_to(page[:, None], (page.shape[0], TILE_B)), (n,)), 16)
+        t = w0 + tl.arange(0, n) % TILE_B
+        c = tl.arange(0, NCOL)[None, :]
+        return field_ptr(cache_ptr, page_tok[:, None], t[:, None], OFF, NBYTES, BLOCK_SIZE, DTYPE) + c
 
 
 @triton.jit
@@ -306,15 +318,22 @@ def load_payload(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.const
     else:
         dtype: tl.constexpr = tl.uint8
     ptr = tile_field(cache_ptr, page, w0, OFF, NBYTES, NCOL, TILE_B, BLOCK_SIZE, dtype, TRANSPOSED)
-    c = tl.arange(0, NCOL)[None, None, :]
-    zero = tl.zeros((1, 1, 1), dtype=dtype)
+    n: tl.constexpr = mask.shape[0] * TILE_B
+    zero = tl.zeros((1, 1), dtype=dtype)
+    c = tl.arange(0, NCOL)[None, :]
+    if TRANSPOSED:  # 3-d pointers: load, then reshape
+        zero = zero[None]
+        c = c[None]
+        mask = mask[:, :, None]
+    else:
+        mask = tl.reshape(mask, (n,))[:, None]
     if MASK_TOKENS:
-        x = tl.load(ptr, mask=mask[:, :, None] & (c < NVALID), other=zero)
+        x = tl.load(ptr, mask=mask & (c < NVALID), other=zero)
     elif NVALID < NCOL:
         x = tl.load(ptr, mask=c < NVALID, other=zero)
     else:
         x = tl.load(ptr)
-    return tl.reshape(x, (mask.shape[0] * TILE_B, NCOL))
+    return tl.reshape(x, (n, NCOL))
 
 
 @triton.jit
