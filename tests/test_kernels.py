@@ -13,8 +13,9 @@ with ``LOWRANK_TEST_SEED=<seed>``).
 
 Tolerances (relative Frobenius error of the kernel against the oracle on the same compressed cache):
 the oracle computes in float32 and rounds only the output; the kernels round the dot operands to the
-model dtype (the query, and for a model-dtype V the probabilities) or, with scaled V, the scaled
-probabilities to bf16, and accumulate in float32. Measured worst cases over many seeds: float32
+model dtype (the query, and for a model-dtype V the probabilities) or, for a quantized tensor, to fp16
+(the query scaled by a power of two; the probabilities times the V scales, over the tile's largest),
+and accumulate in float32. Measured worst cases over many seeds: float32
 3e-7, fp16 with a model-dtype V 1.5e-4, fp16 with scaled V 7e-3, bf16 1e-2 (one bf16 output rounding
 on each side alone gives 2e-3 to 5e-3); the bounds (TOL) are 2-3x those. A wrong offset, scale,
 nibble or mask gives O(1) errors.
@@ -95,15 +96,17 @@ def _setup(spec: str, h: int, d: int, dtype: torch.dtype, device: str, offsets: 
     return layout, LayerTransforms(*trs).to(device)
 
 
-def _kv(n: int, h: int, d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv(n: int, h: int, d: int, dtype: torch.dtype, device: str,
+        v_mul: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys with a constant per-channel bias (what offsets remove) and plain values."""
     k = torch.randn(n, h, d) + torch.randn(1, h, d)
-    v = torch.randn(n, h, d) * 0.7
+    v = torch.randn(n, h, d) * 0.7 * v_mul
     return k.to(dtype).to(device), v.to(dtype).to(device)
 
 
 def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout: SlotLayout,
-                    transforms: LayerTransforms, dtype: torch.dtype, device: str, spare_blocks: int = 3):
+                    transforms: LayerTransforms, dtype: torch.dtype, device: str, spare_blocks: int = 3,
+                    v_mul: float = 1.0):
     """A cache of random garbage with each request's tokens stored (by the oracle) in shuffled blocks."""
     nblk = [-(-s // block_size) for s in seq_lens]
     max_blocks = max(nblk) + 1
@@ -119,7 +122,7 @@ def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout
         used += n
     block_table = block_table.to(device)
     for i, s in enumerate(seq_lens):
-        k, v = _kv(s, h, d, dtype, device)
+        k, v = _kv(s, h, d, dtype, device, v_mul)
         reference.store(k, v, cache, reference.gather_slots(block_table[i], s, block_size), layout, transforms)
     return cache, block_table
 
@@ -200,12 +203,12 @@ DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "had
 
 
 def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16, seq_lens=(1, 37, 70, 16),
-                  rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0):
+                  rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0, q_mul=1.0, v_mul=1.0):
     layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
-    cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device)
+    cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device, v_mul=v_mul)
     b = len(seq_lens)
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    q = torch.randn(b, h * group, d).to(dtype).to(device)
+    q = (torch.randn(b, h * group, d) * q_mul).to(dtype).to(device)
     ref = torch.empty_like(q)
     reference.decode_attention(q, cache, bt, sl, layout, tr, d ** -0.5, ref)
     out = torch.full_like(q, float("nan"))
@@ -237,6 +240,19 @@ def test_decode_shapes(case, device, seed):
     case = dict(case)
     spec, dtype = case.pop("spec"), case.pop("dtype")
     _check_decode(spec, dtype, device, seed, **case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", ["int8", "fp8", "int4", "lowrank+int8"])
+def test_decode_extreme_ranges(spec, device, seed):
+    """Quantized tensors run fp16 dots; the kernels must handle fp16's range exactly, whatever the model's.
+
+    Queries up to ~1e5 (past fp16's 65504; the kernel scales each row by a power of two) and values of
+    ~1e-3, whose scales (~1e-5) times the softmax weights fall below fp16's normal range (the kernel
+    divides the weights by the tile's largest scale). Without either step the error is O(1).
+    """
+    _check_decode(spec, torch.bfloat16, device, seed, q_mul=3e4, seq_lens=(3, 70, 45))
+    _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-3, seq_lens=(300, 70, 45))
 
 
 @pytest.mark.gpu

@@ -164,7 +164,7 @@ def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits:
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+                     block_n: int = 128, num_warps: int = 4, num_stages: int = 2) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
@@ -194,6 +194,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     if q.stride(-1) != 1:
         q = q.contiguous()
     c = layout_constexprs(layout)
+    # block_n=128, 4 warps: the H200 tile sweep's choice (benchmarks/h200-2026-11-29c/bench_kernels.log)
     g_tile = max(16, next_pow2(group))
     _decode_split_kernel[(batch, h, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
