@@ -99,3 +99,12 @@ def test_smoothing_scales():
     s = smoothing_scales(m, 0.5, weight=w)
     ratio = s / (m / w).pow(0.25)
     assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_exact_prefix_wrapper():
+    from vllm_lowrank.quantsim import ExactPrefix
+
+    x = _kv()
+    plugin = make_codec("int8", "v", 0, None, D, H)
+    y = ExactPrefix(plugin, 2)(x)
+    assert torch.equal(y[:2], x[:2]) and torch.equal(y[2:], plugin(x)[2:].float())

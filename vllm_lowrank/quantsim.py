@@ -151,3 +151,17 @@ def smoothing_scales(second_moment: torch.Tensor, alpha: float, weight: torch.Te
     s = m.pow(alpha / 2)
     s = s / s.log().mean(-1, keepdim=True).exp()
     return s.float()
+
+
+@dataclass
+class ExactPrefix:
+    """Any K/V codec (e.g. the plugin's, :class:`vllm_lowrank.simulate.TensorCodec`) with the first
+    ``n`` tokens of the window kept unchanged."""
+
+    codec: object
+    n: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.codec(x).float()
+        n = min(self.n, y.shape[0])
+        return torch.cat((x[:n].float(), y[n:]), 0) if n else y

@@ -11,6 +11,9 @@ Variant syntax (one argument each, optionally ``name=`` in front):
     plugin:int4+off        the same with the basis file's offsets
     OPTS                   the same options for K and V
     k:OPTS/v:OPTS          per tensor
+    @PLAN:SPEC             a plan of the plans file (--plans): its hadamard+int4 tensors take SPEC, the
+                           others keep the plan's format (the plugin's codec, offsets as the plugin uses
+                           them: on with this basis), with SPEC's exact first tokens; @PLAN:plugin = as is
 
 OPTS: ``+``-joined, from: ``int4`` (default: Hadamard + asymmetric int4, one group), ``off`` (the basis
 file's calibrated offset), ``sA`` (static per-channel smoothing s = E[x^2]^(A/2), from the calibration
@@ -79,17 +82,23 @@ def parse_opts(text: str) -> dict:
     return o
 
 
-def parse_variant(arg: str) -> tuple[str, str, dict | str, dict | str]:
+def parse_variant(arg: str) -> tuple[str, str, dict | str, dict | str, str | None]:
     name, _, spec = arg.rpartition("=") if "=" in arg else (arg, "", arg)
+    if spec.startswith("@"):
+        plan, _, rest = spec[1:].partition(":")
+        if rest == "plugin":
+            return name, spec, "plugin:int4", "plugin:int4", plan
+        _, _, ko, vo, _ = parse_variant(rest)
+        return name, spec, ko, vo, plan
     if spec.startswith("plugin:"):
-        return name, spec, spec, spec
+        return name, spec, spec, spec, None
     if spec.startswith("k:"):
         k, _, v = spec[2:].partition("/v:")
         if not v:
             raise SystemExit(f"{arg!r}: write k:OPTS/v:OPTS")
-        return name, spec, parse_opts(k), parse_opts(v)
+        return name, spec, parse_opts(k), parse_opts(v), None
     o = parse_opts(spec)
-    return name, spec, o, dict(o)
+    return name, spec, o, dict(o), None
 
 
 def main() -> None:
@@ -102,6 +111,7 @@ def main() -> None:
                    help="basis file with calibrated offsets (default: the shipped SmolLM2 basis)")
     p.add_argument("--stats", default=str(REPO / "out" / "smollm2-135m-instruct-bfloat16-stats.safetensors"),
                    help="calibration statistics (calibrate.py output; needed for smoothing)")
+    p.add_argument("--plans", default=str(REPO / "bases" / "smollm2-135m.plans.json"), help="plans file (for @PLAN:)")
     p.add_argument("--bf16-baseline", action="store_true", help="also run the exact model in bfloat16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the results as JSON here")
@@ -113,7 +123,9 @@ def main() -> None:
     from vllm_lowrank.basis import BasisFile
     from vllm_lowrank.calibration import Statistics
     from vllm_lowrank.models import smollm2
-    from vllm_lowrank.quantsim import VariantCodec, smoothing_scales, tie_rope_pairs
+    from vllm_lowrank.formats import PRESETS, SCALE_BYTES, TensorFormat
+    from vllm_lowrank.quantsim import ExactPrefix, VariantCodec, smoothing_scales, tie_rope_pairs
+    from vllm_lowrank.simulate import make_codec
     from vllm_lowrank.simulate import Simulator
     from vllm_lowrank.textdata import eval_windows
 
@@ -176,27 +188,45 @@ def main() -> None:
         return VariantCodec(offset=off, smooth=s, rotate=o["rotate"], quant=o["quant"], group=o["group"],
                             symmetric=o["sym"], exact_prefix=o["sink"])
 
-    rows = []
-    for name, spec, ko, vo in variants:
-        t1 = time.time()
-        if isinstance(ko, str):  # plugin:FMT[+off]
-            fmt = ko.split(":", 1)[1]
-            use_off = fmt.endswith("+off")
-            fmt = fmt.removesuffix("+off")
-            from vllm_lowrank.formats import PRESETS
-            from vllm_lowrank.simulate import make_codec
+    def plugin_bytes(fmt: str) -> int:
+        tf = TensorFormat.parse(fmt)
+        return tf.payload_bytes(D, torch.bfloat16) + SCALE_BYTES * (tf.has_scale + tf.has_zero)
 
-            kf, vf = PRESETS[fmt] if fmt in PRESETS else (fmt, fmt)
-            sim.set_codecs({i: (make_codec(kf, "k", i, basis, D, H, use_off), make_codec(vf, "v", i, basis, D, H, use_off))
-                            for i in range(L)})
-            c = VariantCodec()  # bytes of the plugin's hadamard+int4 (36 B per head)
-            per_tok = per_tok_ctx = 2 * L * c.bytes_per_token(D, H)
+    def per_tensor(fmt: str, o, t: str, i: int, offsets: bool):
+        """(codec, bytes per token, bytes per token at --window context) of one tensor of layer i."""
+        if isinstance(o, dict) and fmt == "hadamard+int4":
+            c = codec(o, t, i)
+            return c, c.bytes_per_token(D, H), c.bytes_per_token(D, H, args.window)
+        # the plugin's own codec for the format, offsets as the plugin uses them with this basis
+        c = make_codec(fmt, t, i, basis, D, H, offsets)
+        b = plugin_bytes(fmt) * H
+        sink = o["sink"] if isinstance(o, dict) else 0
+        if sink:
+            return ExactPrefix(c, sink), b, b + min(sink, args.window) * (2 * D - plugin_bytes(fmt)) * H / args.window
+        return c, b, b
+
+    plans = None
+    rows = []
+    for name, spec, ko, vo, plan_name in variants:
+        t1 = time.time()
+        if plan_name:
+            plans = plans or json.loads(Path(args.plans).read_text())["plans"]
+            layers = {int(i): (f["k"], f["v"]) for i, f in plans[plan_name]["layers"].items()}
+            if ko == "plugin:int4":
+                ko = vo = "plugin:int4+off"  # the plan as the plugin runs it (offsets on with this basis)
         else:
-            codecs = {i: (codec(ko, "k", i), codec(vo, "v", i)) for i in range(L)}
-            sim.set_codecs(codecs)
-            kc, vc = codecs[0]
-            per_tok = L * (kc.bytes_per_token(D, H) + vc.bytes_per_token(D, H))
-            per_tok_ctx = L * (kc.bytes_per_token(D, H, args.window) + vc.bytes_per_token(D, H, args.window))
+            fmt = ko.split(":", 1)[1].removesuffix("+off") if isinstance(ko, str) else "int4"
+            kf, vf = PRESETS.get(fmt, (fmt, fmt))
+            layers = {i: (kf, vf) for i in range(L)}
+        codecs, per_tok, per_tok_ctx = {}, 0.0, 0.0
+        for i in range(L):
+            off = bool(plan_name) or ko == "plugin:int4+off"
+            (kc, kb, kbc), (vc, vb, vbc) = (per_tensor(layers[i][0], ko, "k", i, off),
+                                            per_tensor(layers[i][1], vo, "v", i, off))
+            codecs[i] = (kc, vc)
+            per_tok += kb + vb
+            per_tok_ctx += kbc + vbc
+        sim.set_codecs(codecs)
         r = sim.run(0)
         ppl = math.exp(r["nll"])
         row = {"name": name, "spec": spec, "bytes_per_token": per_tok, "vs_bf16": bf16_bytes / per_tok,
@@ -204,7 +234,8 @@ def main() -> None:
                "nll": r["nll"], "ppl": ppl, "change_pct": 100 * (ppl / base_ppl - 1), "kl": r["kl"],
                "seconds": round(time.time() - t1, 1)}
         rows.append(row)
-        print(f"{name:48s} {per_tok:7.0f} B {row['vs_bf16']:.2f}x (at {args.window}: {row[f'vs_bf16_at_{args.window}']:.3f}x)"
+        ctx = row[f"vs_bf16_at_{args.window}"]
+        print(f"{name:48s} {per_tok:7.0f} B {row['vs_bf16']:.2f}x (at {args.window}: {ctx:.3f}x)"
               f"  ppl {ppl:.4f}  {row['change_pct']:+.3f}%  KL {r['kl']:.5f}  ({row['seconds']} s)", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
