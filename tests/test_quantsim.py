@@ -1,0 +1,110 @@
+"""The simulation-only int4 variants (vllm_lowrank.quantsim): no model needed, under a second."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_lowrank import calibration as cal
+from vllm_lowrank.basis import orthonormal_basis_file
+from vllm_lowrank.quantsim import (VariantCodec, int4_bytes, int4_fake_quant, smoothing_scales,
+                                   tie_rope_pairs)
+from vllm_lowrank.simulate import make_codec
+
+H, D = 3, 64
+
+
+def _kv(n=97, seed=0, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, D, generator=g)
+    if outliers:
+        x[..., 5] *= 20.0
+        x[..., 40] += 7.0
+    return x
+
+
+def test_one_group_equals_plugin_hadamard_int4():
+    """group = D, asymmetric, rotated = the plugin's hadamard+int4 (its own codec), with and without offsets."""
+    x = _kv()
+    plugin = make_codec("hadamard+int4", "k", 0, None, D, H)
+    ours = VariantCodec(rotate=True)
+    assert torch.allclose(ours(x), plugin(x), atol=1e-4, rtol=0)
+    bf = orthonormal_basis_file(2, H, D)
+    off = torch.randn(H, D, generator=torch.Generator().manual_seed(1))
+    bf.offsets = {"k": [off, off], "v": [off, off]}
+    plugin = make_codec("hadamard+int4", "k", 1, bf, D, H)
+    ours = VariantCodec(offset=off, rotate=True)
+    assert torch.allclose(ours(x), plugin(x), atol=1e-4, rtol=0)
+
+
+def test_transforms_alone_are_exact():
+    x = _kv()
+    s = torch.rand(H, D, generator=torch.Generator().manual_seed(2)) + 0.1
+    c = torch.randn(H, D, generator=torch.Generator().manual_seed(3))
+    y = VariantCodec(offset=c, smooth=s, rotate=True, quant="none")(x)
+    assert torch.allclose(y, x, atol=1e-4)
+
+
+def test_exact_prefix_keeps_the_first_tokens():
+    x = _kv()
+    y = VariantCodec(exact_prefix=4)(x)
+    assert torch.equal(y[:4], x[:4])
+    assert not torch.allclose(y[4:], x[4:])
+    assert torch.equal(y[4:], VariantCodec()(x)[4:])
+
+
+def test_int4_levels_and_groups():
+    x = _kv(outliers=True).reshape(-1, D)
+    for group, sym in ((None, False), (32, False), (32, True), (16, True)):
+        y = int4_fake_quant(x, group, sym)
+        g = group or D
+        for row_x, row_y in zip(x.reshape(-1, g)[:20], y.reshape(-1, g)[:20]):
+            assert row_y.unique().numel() <= (15 if sym else 16)
+            assert float((row_y - row_x).abs().max()) <= float(row_x.abs().max()) / 7 + 1e-3
+    # smaller groups never do worse on data with a few large channels
+    e64 = (int4_fake_quant(x) - x).pow(2).mean()
+    e32 = (int4_fake_quant(x, 32) - x).pow(2).mean()
+    assert e32 < e64
+    # an all-zero vector stays zero
+    assert torch.equal(int4_fake_quant(torch.zeros(2, D), 32, True), torch.zeros(2, D))
+
+
+def test_bytes():
+    assert int4_bytes(64) == 36  # the plugin's hadamard+int4: 32 payload + fp16 scale + fp16 zero
+    assert int4_bytes(64, 32) == 40
+    assert int4_bytes(64, 32, symmetric=True) == 36
+    assert int4_bytes(64, None, symmetric=True) == 34
+    c = VariantCodec(exact_prefix=1)
+    assert c.bytes_per_token(D, H) == 36 * H
+    assert abs(c.bytes_per_token(D, H, context=1024) - (36 * H + (128 - 36) * H / 1024)) < 1e-9
+
+
+def test_tied_scales_commute_with_rope():
+    x = _kv().double()
+    s = tie_rope_pairs(torch.rand(H, D, generator=torch.Generator().manual_seed(4)).double() + 0.2)
+    pos = torch.arange(x.shape[0])
+    a = cal.apply_rope(x / s, pos, 10000.0)
+    b = cal.apply_rope(x, pos, 10000.0) / s
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_smoothing_scales():
+    m = torch.rand(2, H, D, generator=torch.Generator().manual_seed(5)) + 0.01
+    for alpha in (0.5, 1.0):
+        s = smoothing_scales(m, alpha)
+        assert torch.allclose(s.log().mean(-1), torch.zeros(2, H), atol=1e-5)
+        ratio = s / m.pow(alpha / 2)  # proportional to E[x^2]^(alpha/2) per head
+        assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
+    assert torch.allclose(smoothing_scales(m, 0.0), torch.ones(2, H, D))
+    w = torch.rand(2, H, D, generator=torch.Generator().manual_seed(6)) + 0.01
+    s = smoothing_scales(m, 0.5, weight=w)
+    ratio = s / (m / w).pow(0.25)
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_exact_prefix_wrapper():
+    from vllm_lowrank.quantsim import ExactPrefix
+
+    x = _kv()
+    plugin = make_codec("int8", "v", 0, None, D, H)
+    y = ExactPrefix(plugin, 2)(x)
+    assert torch.equal(y[:2], x[:2]) and torch.equal(y[2:], plugin(x)[2:].float())
