@@ -57,8 +57,13 @@ def latent_tile(ts: TensorSlot, minimum: int = 16) -> int:
     return max(minimum, next_pow2(width))
 
 
-def layout_constexprs(layout: SlotLayout, minimum_tile: int = 16) -> dict:
-    """The per-layout kernel constexprs: storage codes, field offsets and sizes, latent dims, tiles."""
+def layout_constexprs(layout: SlotLayout, minimum_tile: int = 32) -> dict:
+    """The per-layout kernel constexprs: storage codes, field offsets and sizes, latent dims, tiles.
+
+    Channel tiles are at least ``minimum_tile`` wide (padding is masked, never read): the attention
+    kernels' dots over 16-wide latents compile to CUDA-core FMAs instead of tensor cores, 2x the loop's
+    instructions (``scripts/kernel_sass.py``: lowrank+int8 r16 at head_dim 64, 1107 against 537).
+    """
     out = {}
     for name, ts in (("K", layout.k), ("V", layout.v)):
         out.update({
