@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="time without CUDA graphs (includes launch overhead)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM's kernels")
     p.add_argument("--no-tune", action="store_true", help="skip the tile sweep; use the kernel defaults")
+    p.add_argument("--token-rows", action="store_true",
+                   help="also time each of our formats with decode_attention(token_rows=True), as '<format> [tr]'")
     p.add_argument("--formats", default=None, help="comma list of our format names to run (default: all)")
     p.add_argument("--time-budget", type=float, default=330.0,
                    help="seconds; past it, the remaining (largest) shapes are skipped with an error row")
@@ -324,6 +326,11 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
         fmts = our_formats(d)
         if args.formats:
             fmts = {k: v for k, v in fmts.items() if k in args.formats.split(",")}
+        extra_cfg = {name: {} for name in fmts}
+        if args.token_rows:  # the experimental decode orientation, side by side
+            for name in list(fmts):
+                fmts[f"{name} [tr]"] = fmts[name]
+                extra_cfg[f"{name} [tr]"] = {"token_rows": True}
         variants = ([] if args.no_vllm else list(VLLM_VARIANTS)) + list(fmts)
         for ctx in contexts:
             for batch in batches:
@@ -345,7 +352,7 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
                     row = dict(**shape, variant=name, kind="ours" if name in fmts else "vllm")
                     try:
                         if name in fmts:
-                            call, nbytes, info = ours_variant(pb, fmts[name], cfg)
+                            call, nbytes, info = ours_variant(pb, fmts[name], {**cfg, **extra_cfg[name]})
                         else:
                             call, nbytes, info = vllm_variant(pb, name)
                         ms, mode = bench(call, pb.tables, args)

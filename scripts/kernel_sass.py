@@ -46,13 +46,14 @@ def parse_format(spec: str) -> LayerFormat:
 
 
 def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int, block_n: int, num_warps: int,
-                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16):
+                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16, token_rows: bool = False):
     """The compiled split kernel of one layer format (pointers and strides 16-byte aligned, as at run time)."""
     kernel = decode._decode_split_kernel
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
-    consts = {**layout_constexprs(layout), **dot_dtypes(layout), "G": group, "G_TILE": max(16, next_pow2(group)),
-              "BLOCK_SIZE": block_size, "BLOCK_N": block_n, "TILE_B": min(block_size, block_n),
-              "STRIDE_CHEAD": block_size * layout.slot_bytes, "UPCAST": False}
+    consts = {**layout_constexprs(layout), **dot_dtypes(layout), "G": group,
+              "G_TILE": max(8 if token_rows else 16, next_pow2(group)), "BLOCK_SIZE": block_size, "BLOCK_N": block_n,
+              "TILE_B": min(block_size, block_n), "STRIDE_CHEAD": block_size * layout.slot_bytes, "UPCAST": False,
+              "TOKEN_ROWS": token_rows}
     q_type = "fp32" if fmt.k.transform == "basis" else {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
     pointer_types = {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32"}
     signature = {}
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--token-rows", action="store_true", help="the decode variant with tokens as the dots' rows")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--top", type=int, default=8, help="opcodes listed per format")
     ap.add_argument("--dump", type=Path, default=None, help="write each format's SASS and PTX into this folder")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in tqdm(args.formats.split(","), desc="compile"):
         k = compile_decode(parse_format(spec), args.head_dim, args.group, args.block_size, args.block_n,
-                           args.num_warps, args.num_stages, args.arch)
+                           args.num_warps, args.num_stages, args.arch, token_rows=args.token_rows)
         sass, res = disassemble(k.asm["cubin"])
         regs = re.search(r"REG:(\d+)", res)
         loop = hot_loop(sass)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({spec: {"registers": regs, "shared_bytes": smem, "loop_instructions": n,
                                                 "opcodes": dict(mix)} for spec, regs, smem, n, mix in rows}, indent=1))
-    print(f"\ndecode split kernel, sm_{args.arch}, head_dim {args.head_dim}, group {args.group}, block_size "
+    print(f"\ndecode split kernel{' (token rows)' if args.token_rows else ''}, sm_{args.arch}, head_dim {args.head_dim}, group {args.group}, block_size "
           f"{args.block_size}, BLOCK_N {args.block_n}, {args.num_warps} warps; loop = instructions per thread "
           f"per tile of {args.block_n} tokens")
     print(f"{'format':<22} {'regs':>5} {'smem':>7} {'loop':>6}  top opcodes")

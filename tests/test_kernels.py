@@ -203,7 +203,8 @@ DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "had
 
 
 def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16, seq_lens=(1, 37, 70, 16),
-                  rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0, q_mul=1.0, v_mul=1.0):
+                  rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0, q_mul=1.0, v_mul=1.0,
+                  token_rows=False):
     layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
     cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device, v_mul=v_mul)
     b = len(seq_lens)
@@ -215,7 +216,7 @@ def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=1
     ws = torch.full((K.workspace_numel(b, h * group, layout.v.latent_dim, num_splits) + workspace_extra,),
                     float("nan"), device=device)
     K.decode_attention(q, cache, bt, sl, layout, tr, d ** -0.5, out, num_splits=num_splits, workspace=ws,
-                       block_n=block_n)
+                       block_n=block_n, token_rows=token_rows)
     err = _check_close(out, ref, dtype, layout, f"seed={seed} {spec} {dtype}")
     return err
 
@@ -243,6 +244,15 @@ def test_decode_shapes(case, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", DECODE_SPECS)
+def test_decode_token_rows(spec, dtype, device, seed):
+    """The experimental orientation (cached tokens as the dots' rows, the group padded to 8)."""
+    _check_decode(spec, dtype, device, seed, token_rows=True)
+    _check_decode(spec, dtype, device, seed, group=4, block_size=32, block_n=32, token_rows=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", ["int8", "fp8", "int4", "lowrank+int8"])
 def test_decode_extreme_ranges(spec, device, seed):
     """Quantized tensors run fp16 dots; the kernels must handle fp16's range exactly, whatever the model's.
@@ -251,8 +261,9 @@ def test_decode_extreme_ranges(spec, device, seed):
     ~1e-3, whose scales (~1e-5) times the softmax weights fall below fp16's normal range (the kernel
     divides the weights by the tile's largest scale). Without either step the error is O(1).
     """
-    _check_decode(spec, torch.bfloat16, device, seed, q_mul=3e4, seq_lens=(3, 70, 45))
-    _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-3, seq_lens=(300, 70, 45))
+    for token_rows in (False, True):
+        _check_decode(spec, torch.bfloat16, device, seed, q_mul=3e4, seq_lens=(3, 70, 45), token_rows=token_rows)
+        _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-3, seq_lens=(300, 70, 45), token_rows=token_rows)
 
 
 @pytest.mark.gpu
@@ -261,8 +272,9 @@ def test_decode_extreme_ranges(spec, device, seed):
 def test_decode_large_gpu(spec, device, seed):
     """Llama-3-8B attention shape, long ragged contexts, default tiles and split counts."""
     for dtype in (torch.bfloat16, torch.float16):
-        _check_decode(spec, dtype, device, seed, h=8, group=4, d=128, rk=64, rv=64,
-                      seq_lens=(1, 4000, 333, 2048, 17, 1500), num_splits=16, block_n=64)
+        for token_rows in (False, True):
+            _check_decode(spec, dtype, device, seed, h=8, group=4, d=128, rk=64, rv=64,
+                          seq_lens=(1, 4000, 333, 2048, 17, 1500), num_splits=16, block_n=64, token_rows=token_rows)
 
 
 # ---------------------------------------------------------------------------------------------- prefill

@@ -23,8 +23,110 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, LOG2E, check_cache, dot_dtypes, interpreted, layout_constexprs, load_query, next_pow2,
-                     project_queries, store_output, transform_args, attend_tile)
+from .common import (FP8, INT4, INT8, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
+                     layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot, project_queries,
+                     store_output, tile_pages, tile_scales, to_dot, transform_args)
+
+
+# --- token rows: the cached tokens as the dots' M dimension ------------------------------------------
+# ``s^T = K q^T`` [BLOCK_N, G_TILE] and ``o^T += V^T p^T`` [RV_TILE, G_TILE]: the tokens fill the
+# tensor cores' 16 rows and the query group is the N dimension, which may be 8 wide, so a group of 4
+# wastes half of the softmax work instead of three quarters (rows padded to 16). Transposed V payloads
+# are then the ``V^T`` operand as stored (contiguous along tokens).
+
+
+@triton.jit
+def _values_t(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr,
+              NVALID: tl.constexpr, NCOL: tl.constexpr, TRANSPOSED: tl.constexpr, TILE_B: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr):
+    """``V^T`` payloads [NCOL, BLOCK_N] of a tile in their stored dtype (int4: bytes of two channels)."""
+    if TRANSPOSED:
+        if STORAGE == INT8:
+            dtype: tl.constexpr = tl.int8
+        elif STORAGE == FP8:
+            dtype: tl.constexpr = tl.float8e4nv
+        else:
+            dtype: tl.constexpr = tl.uint8
+        c = tl.arange(0, NCOL)[:, None, None]
+        t = w0 + tl.arange(0, TILE_B)[None, None, :]
+        ptr = (cache_ptr + page[None, :, None] + BLOCK_SIZE * OFF + t + c * BLOCK_SIZE).to(tl.pointer_type(dtype))
+        if NVALID < NCOL:
+            x = tl.load(ptr, mask=c < NVALID, other=tl.zeros((1, 1, 1), dtype=dtype))
+        else:
+            x = tl.load(ptr)
+        vt = tl.reshape(x, (NCOL, mask.shape[0] * TILE_B))
+    else:
+        vt = tl.trans(load_payload(cache_ptr, page, w0, mask, STORAGE, OFF, NBYTES, NVALID, NCOL, TILE_B,
+                                   BLOCK_SIZE, MODEL_DTYPE, False, STORAGE == MODEL))
+    return vt
+
+
+@triton.jit
+def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
+                   qt_a, qt_b, q_sum, qk_row,
+                   K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+                   K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+                   V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
+                   V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_B: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+                   QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`attend_tile` with tokens as rows: ``qt_*`` [RK_TILE, G_TILE], accumulators [RV_TILE, G_TILE]."""
+    IS_F32_QK: tl.constexpr = QK_DTYPE == tl.float32
+    IS_F32_PV: tl.constexpr = PV_DTYPE == tl.float32
+    page, w0, mask = tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE, BLOCK_N, TILE_B, MASKED)
+    zero = tl.zeros((BLOCK_N, qt_a.shape[1]), dtype=tl.float32)
+    if K_STORAGE == INT4:
+        b = load_payload(cache_ptr, page, w0, mask, K_STORAGE, K_OFF, K_BYTES, (RK + 1) // 2, RK_TILE, TILE_B,
+                         BLOCK_SIZE, MODEL_DTYPE, K_T, False)
+        s = dot(nibbles_to_dot(b, False, QK_DTYPE, UPCAST), qt_a, zero, IS_F32_QK, UPCAST)
+        s = dot(nibbles_to_dot(b, True, QK_DTYPE, UPCAST), qt_b, s, IS_F32_QK, UPCAST)
+    else:
+        k = load_payload(cache_ptr, page, w0, mask, K_STORAGE, K_OFF, K_BYTES, RK, RK_TILE, TILE_B, BLOCK_SIZE,
+                         MODEL_DTYPE, K_T, False)
+        s = dot(to_dot(k, QK_DTYPE, UPCAST), qt_a, zero, IS_F32_QK, UPCAST)
+    if K_STORAGE != MODEL:
+        s = s * tile_scales(cache_ptr, page, w0, mask, K_SCALE_OFF, TILE_B, BLOCK_SIZE)[:, None]
+    if K_STORAGE == INT4:
+        s += tile_scales(cache_ptr, page, w0, mask, K_ZERO_OFF, TILE_B, BLOCK_SIZE)[:, None] * q_sum[None, :]
+    s = s * qk_row[None, :]
+    if MASKED:
+        s = tl.where((t0 + tl.arange(0, BLOCK_N) < end)[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc_a = acc_a * alpha[None, :]
+    if V_STORAGE == MODEL:
+        vt = _values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, V_T, TILE_B, BLOCK_SIZE,
+                       MODEL_DTYPE)
+        acc_a = dot(vt.to(PV_DTYPE), p.to(PV_DTYPE), acc_a, IS_F32_PV, UPCAST)
+        return m_new, l_i, acc_a, acc_b, acc_z
+    v_scale = tile_scales(cache_ptr, page, w0, mask, V_SCALE_OFF, TILE_B, BLOCK_SIZE)
+    if PV_DTYPE == tl.float16:  # weights over the tile's largest scale: see tile_pv
+        s_max = tl.max(v_scale, axis=0)
+        s_max = tl.where(s_max > 0, s_max, 1.0)
+    else:
+        s_max = 1.0
+    pv = (p * (v_scale / s_max)[:, None]).to(PV_DTYPE)
+    zero_o = tl.zeros(acc_a.shape, dtype=tl.float32)
+    if V_STORAGE == INT4:
+        acc_b = acc_b * alpha[None, :]
+        acc_z = acc_z * alpha
+        bt = _values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, (RV + 1) // 2, RV_TILE, V_T, TILE_B,
+                       BLOCK_SIZE, MODEL_DTYPE)
+        acc_a += s_max * dot(nibbles_to_dot(bt, False, PV_DTYPE, UPCAST), pv, zero_o, IS_F32_PV, UPCAST)
+        acc_b += s_max * dot(nibbles_to_dot(bt, True, PV_DTYPE, UPCAST), pv, zero_o, IS_F32_PV, UPCAST)
+        v_zero = tile_scales(cache_ptr, page, w0, mask, V_ZERO_OFF, TILE_B, BLOCK_SIZE)
+        z_over_s = tl.where(v_scale > 0, v_zero / tl.where(v_scale > 0, v_scale, 1.0), 0.0)
+        acc_z += tl.sum(tl.where(v_scale[:, None] > 0, s_max * pv.to(tl.float32) * z_over_s[:, None],
+                                 p * v_zero[:, None]), axis=0)
+    else:
+        vt = to_dot(_values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, V_T, TILE_B,
+                              BLOCK_SIZE, MODEL_DTYPE), PV_DTYPE, UPCAST)
+        if V_STORAGE == FP8:  # a stale byte past the end may be NaN
+            vt = tl.where(tl.reshape(mask, (BLOCK_N,))[None, :], vt, 0.0)
+        acc_a += s_max * dot(vt, pv, zero_o, IS_F32_PV, UPCAST)
+    return m_new, l_i, acc_a, acc_b, acc_z
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -43,6 +145,7 @@ def _decode_split_kernel(
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
     V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    TOKEN_ROWS: tl.constexpr,  # tokens as the dots' M rows (_attend_tile_t), else the query group
 ):
     """Partial attention of one request's query group over one split of its cached tokens."""
     b = tl.program_id(0)
@@ -63,25 +166,44 @@ def _decode_split_kernel(
 
     m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_TILE,), dtype=tl.float32)
-    acc_a = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
-    acc_b = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
     acc_z = tl.zeros((G_TILE,), dtype=tl.float32)
-
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * STRIDE_CHEAD
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before it lie inside the request
-    for t0 in range(start, full_end, BLOCK_N):
-        m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-            t0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b, q_sum,  # pos: unused
-            qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE, V_OFF, V_BYTES,
-            V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE, QK_DTYPE, PV_DTYPE,
-            UPCAST, False, False)
-    if full_end < end:
-        m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-            full_end, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
-            q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE, V_OFF,
-            V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE, QK_DTYPE,
-            PV_DTYPE, UPCAST, True, False)
+    if TOKEN_ROWS:
+        qt_a = tl.trans(q_a)
+        qt_b = tl.trans(q_b)
+        acc_ta = tl.zeros((RV_TILE, G_TILE), dtype=tl.float32)
+        acc_tb = tl.zeros((RV_TILE, G_TILE), dtype=tl.float32)
+        for t0 in range(start, full_end, BLOCK_N):
+            m_i, l_i, acc_ta, acc_tb, acc_z = _attend_tile_t(
+                t0, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a, qt_b,
+                q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
+                V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
+                QK_DTYPE, PV_DTYPE, UPCAST, False)
+        if full_end < end:
+            m_i, l_i, acc_ta, acc_tb, acc_z = _attend_tile_t(
+                full_end, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a,
+                qt_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
+                V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
+                MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True)
+        acc_a = tl.trans(acc_ta)
+        acc_b = tl.trans(acc_tb)
+    else:
+        acc_a = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+        acc_b = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+        for t0 in range(start, full_end, BLOCK_N):
+            m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+                t0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
+                V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
+                QK_DTYPE, PV_DTYPE, UPCAST, False, False)  # pos (m_i here) is unused without CAUSAL
+        if full_end < end:
+            m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+                full_end, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a,
+                q_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
+                V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
+                MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True, False)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
@@ -164,13 +286,15 @@ def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits:
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
-                     block_n: int = 128, num_warps: int = 4, num_stages: int = 2) -> None:
+                     block_n: int = 128, num_warps: int = 4, num_stages: int = 2, token_rows: bool = False) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
     block_table: int32 [B, max_blocks]; seq_lens: int32 [B] on the device (request b attends to its first
     seq_lens[b] tokens). ``workspace``: float32 with at least :func:`workspace_numel` elements (allocated
-    if None). Same result as :func:`vllm_lowrank.reference.decode_attention`.
+    if None). ``token_rows``: the experimental orientation with cached tokens as the dots' rows (the
+    query group padded to 8 instead of 16; correct, compiled for sm_90, not yet timed on a GPU). Same
+    result as :func:`vllm_lowrank.reference.decode_attention`.
     """
     batch, hq, d = query.shape
     if batch == 0:
@@ -181,6 +305,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     group = hq // h
     rv = layout.v.latent_dim
     assert max(block_size, block_n) % min(block_size, block_n) == 0, "tiles are whole blocks or parts of one"
+    assert not token_rows or block_n >= 16, "token rows need BLOCK_N >= 16 (the dots' M dimension)"
     if num_splits is None:
         num_splits = default_num_splits(batch, h, query.device, block_n=block_n)
     need = workspace_numel(batch, hq, rv, num_splits)
@@ -195,15 +320,16 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         q = q.contiguous()
     c = layout_constexprs(layout)
     # block_n=128, 4 warps: the H200 tile sweep's choice (benchmarks/h200-2026-11-29c/bench_kernels.log)
-    g_tile = max(16, next_pow2(group))
+    g_tile = max(8 if token_rows else 16, next_pow2(group))
     _decode_split_kernel[(batch, h, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
         G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
-        **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), num_warps=num_warps, num_stages=num_stages)
+        **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), TOKEN_ROWS=token_rows,
+        num_warps=num_warps, num_stages=num_stages)
 
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
-        G=group, G_TILE=g_tile, RV=rv, RV_TILE=max(16, next_pow2(rv)),
+        G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
         D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, num_warps=4)
