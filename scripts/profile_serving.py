@@ -34,7 +34,10 @@ def child(args) -> None:
     prompts = [{"prompt_token_ids": torch.randint(100, 30000, (args.input_len,), generator=gen).tolist()}
                for _ in range(args.num_prompts)]
     sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-    llm.generate(prompts[:8], sp, use_tqdm=False)
+    # warm-up on the whole batch (short outputs): the same prefill chunking as the profiled run, so that
+    # every kernel variant it needs is compiled before profiling (Triton compiles on first use)
+    llm.generate(prompts, SamplingParams(max_tokens=min(8, args.output_len), ignore_eos=True, temperature=0.0),
+                 use_tqdm=False)
     torch.cuda.synchronize()
     import time
 
