@@ -5,7 +5,11 @@ One safetensors file. Tensors, for ``t`` in ``k``, ``v`` and each layer ``i``:
 - ``{t}.basis.{i}``: [H, D, R] float32, orthonormal columns, by decreasing eigenvalue (R <= D
   columns kept; any rank up to R can be used);
 - ``{t}.eigenvalues.{i}``: [H, D] float32, the second-moment spectrum (descending);
-- ``{t}.offset.{i}``: [H, D] float32, optional calibrated mean, subtracted before the transform.
+- ``{t}.offset.{i}``: [H, D] float32, optional calibrated mean, subtracted before the transform;
+- ``k.smooth.{i}``: [H, D] float32, optional (keys only; every layer or none), positive query-weighted
+  key smoothing scales ``s``: keys are divided by ``s`` after the offset and before the transform, the
+  queries multiplied by ``s`` (:mod:`vllm_lowrank.transforms`); metadata ``key_smoothing`` says how they
+  were made.
 
 Metadata (JSON under the safetensors metadata key ``lowrank``): ``format_version``, ``model``,
 ``num_layers``, ``num_kv_heads``, ``head_dim``, ``ranks`` (``{"k": [...], "v": [...]}`` per layer:
@@ -44,12 +48,16 @@ class BasisFile:
     basis_space: str = "post_rope"
     extra: dict[str, Any] = field(default_factory=dict)  # retained_energy, calibration, ...
     path: str = ""
+    smooth: list[torch.Tensor] | None = None  # per layer [H, D]: key smoothing scales (None: absent)
 
     def stored_rank(self, t: str, layer: int) -> int:
         return self.bases[t][layer].shape[-1]
 
     def has_offsets(self) -> bool:
         return any(o is not None for t in TENSORS for o in self.offsets.get(t, []))
+
+    def has_smoothing(self) -> bool:
+        return self.smooth is not None
 
     def metadata(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model, "num_layers": self.num_layers,
@@ -67,7 +75,15 @@ class BasisFile:
                 off = self.offsets.get(t, [None] * self.num_layers)[i]
                 if off is not None:
                     tensors[f"{t}.offset.{i}"] = off.float().contiguous()
+        tensors.update(self.smooth_tensors())
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(self.metadata())})
+
+    def smooth_tensors(self) -> dict[str, torch.Tensor]:
+        """The ``k.smooth.{i}`` tensors to save (none when the file has no smoothing)."""
+        if self.smooth is None:
+            return {}
+        check_smoothing(self.smooth, self.num_layers, self.num_kv_heads, self.head_dim, self.path or "<new>")
+        return {f"k.smooth.{i}": s.float().contiguous() for i, s in enumerate(self.smooth)}
 
     @staticmethod
     def load(path: str | Path) -> "BasisFile":
@@ -110,10 +126,28 @@ class BasisFile:
                 eig[t].append(e.float())
                 o = tensors.get(f"{t}.offset.{i}")
                 offs[t].append(None if o is None else o.float())
+        if any(k.startswith("v.smooth.") for k in tensors):
+            raise BasisFileError(f"basis file {str(p)!r} has value smoothing scales (v.smooth.*): only keys "
+                                 f"can be smoothed")
+        smooth = None
+        found = sorted(k for k in tensors if k.startswith("k.smooth."))
+        if found:
+            smooth = []
+            for i in range(n):
+                s = tensors.get(f"k.smooth.{i}")
+                if s is None:
+                    raise BasisFileError(f"basis file {str(p)!r} has key smoothing scales for some layers but "
+                                         f"not for layer {i}: a file has them for every layer or none")
+                smooth.append(s.float())
+            extra_keys = set(found) - {f"k.smooth.{i}" for i in range(n)}
+            if extra_keys:
+                raise BasisFileError(f"basis file {str(p)!r}: unexpected tensors {sorted(extra_keys)} "
+                                     f"(the file has {n} layers)")
+            check_smoothing(smooth, n, h, d, str(p))
         extra = {k: v for k, v in meta.items() if k not in (
             "format_version", "model", "num_layers", "num_kv_heads", "head_dim", "ranks", "basis_space")}
         return BasisFile(n, h, d, bases, eig, offs, meta.get("ranks") or {}, meta.get("model", ""),
-                         meta.get("basis_space", "post_rope"), extra, str(p))
+                         meta.get("basis_space", "post_rope"), extra, str(p), smooth)
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise :class:`BasisFileError` naming every way this file does not fit the model."""
@@ -126,6 +160,22 @@ class BasisFile:
         if self.basis_space != "post_rope":
             raise BasisFileError(f"basis file {self.path!r} is a {self.basis_space!r} basis; this backend "
                                  f"uses post-RoPE bases")
+
+
+def check_smoothing(smooth: list[torch.Tensor], num_layers: int, num_kv_heads: int, head_dim: int,
+                    where: str) -> None:
+    """Raise :class:`BasisFileError` unless ``smooth`` holds ``num_layers`` positive finite [H, D] scales."""
+    if len(smooth) != num_layers:
+        raise BasisFileError(f"basis file {where!r}: key smoothing scales for {len(smooth)} layers, the file has "
+                             f"{num_layers}")
+    for i, s in enumerate(smooth):
+        if tuple(s.shape) != (num_kv_heads, head_dim):
+            raise BasisFileError(f"basis file {where!r}: key smoothing scales of layer {i} (k.smooth.{i}) have "
+                                 f"shape {tuple(s.shape)}, expected ({num_kv_heads}, {head_dim}) (KV heads, "
+                                 f"head_dim)")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise BasisFileError(f"basis file {where!r}: key smoothing scales of layer {i} (k.smooth.{i}) must "
+                                 f"be positive and finite")
 
 
 def orthonormal_basis_file(num_layers: int, num_kv_heads: int, head_dim: int, *, seed: int = 0,
