@@ -197,8 +197,12 @@ def test_calibrated_scales_match_the_simulation():
     w = st.second_moment("q").diagonal(dim1=-2, dim2=-1)
     assert torch.allclose(s, smoothing_scales(m, 0.5, w), rtol=1e-5)
     assert torch.allclose(s.log().mean(-1), torch.zeros(3, 2), atol=1e-5)  # geometric mean 1 per head
-    # by hand for one channel: (E[(k - mean)^2] / mean over the group of E[q^2])^(1/4), before normalising
-    assert cal.compute_bases(st).k_smooth is not None and cal.compute_bases(st, smooth_alpha=None).k_smooth is None
+    raw = cal.key_smoothing_scales(st, centered=False)  # for keys without offsets
+    assert torch.allclose(raw, smoothing_scales(st.second_moment("k").diagonal(dim1=-2, dim2=-1), 0.5, w), rtol=1e-5)
+    b = cal.compute_bases(st)
+    assert torch.equal(b.k_smooth, s) and torch.equal(b.k_smooth_raw, raw)
+    assert cal.compute_bases(st, smooth_alpha=None).k_smooth is None
+    assert cal.compute_bases(st, centered=False).k_smooth_raw is None  # no offsets: one set of scales
 
 
 def test_basis_file_round_trip_with_scales(tmp_path):
@@ -213,6 +217,8 @@ def test_basis_file_round_trip_with_scales(tmp_path):
         assert back.has_smoothing() and back.extra["key_smoothing"] == bf.extra["key_smoothing"]
         for i in range(3):
             assert torch.equal(back.smooth[i], bases.k_smooth[i])  # float32 in both forms
+            assert torch.equal(back.smooth_raw[i], bases.k_smooth_raw[i])
+        assert back.key_scales(True) is back.smooth and back.key_scales(False) is back.smooth_raw
     # a file without scales: no smoothing, and the default rule leaves every format alone
     plain = cal.make_basis_file(st, cal.compute_bases(st, smooth_alpha=None), {"k": [8] * 3, "v": [8] * 3})
     plain.save(tmp_path / "plain.safetensors")
@@ -240,7 +246,9 @@ def _rewrite(src: Path, dst: Path, change) -> None:
     (lambda t: t.__setitem__("k.smooth.0", torch.full((2, 16), float("nan"))), "positive and finite"),
     (lambda t: t.__setitem__("v.smooth.0", torch.ones(2, 16)), "only keys"),
     (lambda t: t.__setitem__("k.smooth.3", torch.ones(2, 16)), "unexpected tensors"),
-], ids=["narrow", "stacked", "missing-layer", "negative", "nan", "values", "extra-layer"])
+    (lambda t: t.__setitem__("k.smooth_raw.2", torch.ones(16, 2)), r"k\.smooth_raw\.2\) have shape \(16, 2\)"),
+    (lambda t: [t.pop(f"k.smooth.{i}") for i in range(3)], "without k.smooth scales"),
+], ids=["narrow", "stacked", "missing-layer", "negative", "nan", "values", "extra-layer", "raw-shape", "raw-alone"])
 def test_malformed_scales_are_refused(tmp_path, change, message):
     st = _stats()
     bf = cal.make_basis_file(st, cal.compute_bases(st), {"k": [8] * 3, "v": [8] * 3})
@@ -298,10 +306,14 @@ def test_simulation_codec_equals_quantsim_variant():
     bf = orthonormal_basis_file(2, h, d)
     off, s = torch.randn(h, d, generator=g), _scales(h, d, g)
     bf.offsets = {"k": [off, off], "v": [off, off]}
-    bf.smooth = [s, s]
+    raw = _scales(h, d, g)
+    bf.smooth, bf.smooth_raw = [s, s], [raw, raw]
     plugin = make_codec("hadamard+int4", "k", 1, bf, d, h)  # default rule: smoothed
     ours = VariantCodec(offset=off, smooth=s, rotate=True)
     assert torch.allclose(ours(x), plugin(x), atol=1e-4 * float(x.abs().max()), rtol=0)
+    # without offsets the raw-moment scales (quantsim's k:sq0.5 with no offsets)
+    no_off = make_codec("hadamard+int4", "k", 1, bf, d, h, use_offsets=False)
+    assert torch.allclose(VariantCodec(smooth=raw, rotate=True)(x), no_off(x), atol=1e-4 * float(x.abs().max()), rtol=0)
     plain = make_codec("hadamard+int4", "k", 1, bf, d, h, smooth_keys=False)
     assert not torch.allclose(plain(x), plugin(x), atol=1e-3, rtol=0)
     assert make_codec("hadamard+int4", "v", 1, bf, d, h).tr.smooth is None  # values never

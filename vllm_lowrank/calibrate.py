@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     smoothing = None if args.no_smooth else {
         "weight": "query", "alpha": args.smooth_alpha, "centered": not args.no_center or bool(args.optimize_rank),
         "formula": "s = (E[k^2]/E[q^2])^(alpha/2) per layer, KV head and post-RoPE channel, E[k^2] about the "
-                   "calibrated mean when centered, geometric mean 1 per head"}
+                   "calibrated mean when centered (k.smooth; k.smooth_raw: raw E[k^2], for use without "
+                   "offsets), geometric mean 1 per head"}
     bf = cal.make_basis_file(stats, bases, ranks, store_rank=args.store_rank, model=name, calibration=calib,
                              store_per_layer=store_per_layer, key_smoothing=smoothing)
     bf.save(out_path)

@@ -301,6 +301,7 @@ class Bases:
     k_colvar: torch.Tensor | None = None  # [L, H, D] diag(U^T C U): energy captured by each basis column
     v_colvar: torch.Tensor | None = None
     k_smooth: torch.Tensor | None = None  # [L, H, D] query-weighted key smoothing scales (key_smoothing_scales)
+    k_smooth_raw: torch.Tensor | None = None  # the same from raw (uncentred) moments, for keys without offsets
 
     def column_energy(self, t: str) -> torch.Tensor:
         """Energy per basis column [L, H, D] (equals the eigenvalues for a PCA basis)."""
@@ -341,7 +342,8 @@ def compute_bases(stats: Statistics, key_method: str = "query", centered: bool =
     vo = stats.mean("v") if centered else None
     kc = torch.einsum("lhdr,lhde,lher->lhr", kb, ck, kb)
     ks = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, centered)
-    return Bases(kb, vb, ke, ve, ko, vo, kc, ve, ks)
+    kr = None if smooth_alpha is None or not centered else key_smoothing_scales(stats, smooth_alpha, False)
+    return Bases(kb, vb, ke, ve, ko, vo, kc, ve, ks, kr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,12 +467,15 @@ def make_basis_file(stats: Statistics, bases: Bases, ranks: dict[str, list[int]]
     extra = {"retained_energy": energy, "calibration": calibration or {}}
     if chosen:
         extra["chosen_ranks"] = {t: chosen.get(t, ranks[t]) for t in ("k", "v")}
-    smooth = None
+    smooth = smooth_raw = None
     if bases.k_smooth is not None:
         smooth = [bases.k_smooth[i].float().contiguous() for i in range(num_layers)]
+        if bases.k_smooth_raw is not None:
+            smooth_raw = [bases.k_smooth_raw[i].float().contiguous() for i in range(num_layers)]
         extra["key_smoothing"] = key_smoothing if key_smoothing is not None else {
             "weight": "query", "formula": "(E[k^2]/E[q^2])^(alpha/2), geometric mean 1 per head"}
-    return BasisFile(num_layers, h, d, b, e, o, ranks, model, "post_rope", extra, smooth=smooth)
+    return BasisFile(num_layers, h, d, b, e, o, ranks, model, "post_rope", extra, smooth=smooth,
+                     smooth_raw=smooth_raw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,7 +540,8 @@ def rank_optimized_bases(stats: Statistics, rank: int, o_projs: list[torch.Tenso
     kc = torch.einsum("lhdr,lhde,lher->lhr", kb, ck, kb)
     vc = torch.einsum("lhdr,lhde,lher->lhr", vb, cv, vb)
     ks = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, True)
-    return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc, ks)
+    kr = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, False)
+    return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc, ks, kr)
 
 
 def save_compact(bf: BasisFile, path: str | Path) -> None:

@@ -13,9 +13,9 @@ Keys (all optional):
   ``bases/smollm2-135m.plans.json:2x``): its layers, settings and basis file, under any of the keys
   above that are also given.
 - ``offset``: subtract the basis file's calibrated offsets (default: true when the file has them).
-- ``smooth_keys``: query-weighted key smoothing with the basis file's scales (``k.smooth.*``): keys are
-  divided per channel by ``s`` before their transform, queries multiplied by ``s`` (exact before
-  rounding). Default (absent or null): on for the layers whose K format is a Hadamard rotation with a
+- ``smooth_keys``: query-weighted key smoothing with the basis file's scales (``k.smooth.*``, or
+  ``k.smooth_raw.*`` with ``offset: false`` when the file has them): keys are divided per channel by
+  ``s`` before their transform, queries multiplied by ``s`` (exact before rounding). Default (absent or null): on for the layers whose K format is a Hadamard rotation with a
   quantized storage (``hadamard+int4``, ``hadamard+int8``, ``hadamard+fp8``) when the file has the scales,
   off otherwise. ``true``: on for every layer whose K is compressed (any transform or quantized storage;
   a K kept exact is left alone); an error when the file has no scales. ``false``: off.

@@ -74,6 +74,6 @@ def build_layer_state(cfg: LowRankConfig, layer: int, local_kv_heads: int, head_
                 offset = off[heads.start:heads.stop]
         smooth = None
         if t == "k" and cfg.smooth_layer(layer):
-            smooth = b.smooth[layer][heads.start:heads.stop]
+            smooth = b.key_scales(cfg.use_offsets)[layer][heads.start:heads.stop]
         parts.append(build_tensor_transform(tf, local_kv_heads, head_dim, basis, offset, smooth))
     return LayerState(layout, LayerTransforms(*parts).to(device))

@@ -75,7 +75,7 @@ def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | N
     if t == "k" and smooth_keys_for(tf, smooth_keys, basis):
         if basis is None or not basis.has_smoothing():
             raise ValueError("smooth_keys=true needs a basis file with key smoothing scales")
-        smooth = basis.smooth[layer]
+        smooth = basis.key_scales(use_offsets)[layer]
     return TensorCodec(tf, build_tensor_transform(tf, num_kv_heads, head_dim, b, off, smooth), head_dim)
 
 
