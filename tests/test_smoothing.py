@@ -219,7 +219,7 @@ def test_basis_file_round_trip_with_scales(tmp_path):
             assert torch.equal(back.smooth[i], bases.k_smooth[i])  # float32 in both forms
             assert torch.equal(back.smooth_raw[i], bases.k_smooth_raw[i])
         assert back.key_scales(True) is back.smooth and back.key_scales(False) is back.smooth_raw
-    # a file without scales: no smoothing, and the default rule leaves every format alone
+    # a file without scales: no smoothing (off by default anyway; on request, refused)
     plain = cal.make_basis_file(st, cal.compute_bases(st, smooth_alpha=None), {"k": [8] * 3, "v": [8] * 3})
     plain.save(tmp_path / "plain.safetensors")
     assert not BasisFile.load(tmp_path / "plain.safetensors").has_smoothing()
@@ -227,7 +227,9 @@ def test_basis_file_round_trip_with_scales(tmp_path):
     assert not parse({"format": "int4", "basis": str(tmp_path / "plain.safetensors")}, shape).smooth_layer(0)
     with pytest.raises(LowRankConfigError, match="has no key smoothing scales"):
         parse({"format": "int4", "basis": str(tmp_path / "plain.safetensors"), "smooth_keys": True}, shape)
-    assert parse({"format": "int4", "basis": str(tmp_path / "a.safetensors")}, shape).smooth_layer(2)
+    assert parse({"format": "int4", "basis": str(tmp_path / "a.safetensors"), "smooth_keys": True},
+                 shape).smooth_layer(2)
+    assert not parse({"format": "int4", "basis": str(tmp_path / "a.safetensors")}, shape).smooth_layer(2)
 
 
 def _rewrite(src: Path, dst: Path, change) -> None:
@@ -267,18 +269,18 @@ def test_smooth_keys_setting_and_default_rule():
     b = str(BASIS)
     assert BasisFile.load(BASIS).has_smoothing()
     # layer 0's format varies (the committed file keeps 48 basis columns there, 1 elsewhere)
-    auto = {f: parse({"format": "int8", "layers": {"0": f}, "basis": b}, SMOL).smooth_layer(0)
-            for f in ("int4", "hadamard+int8", "hadamard+fp8", "int8", "fp8", "r32+int4", "full", "hadamard")}
-    assert auto == {"int4": True, "hadamard+int8": True, "hadamard+fp8": True, "int8": False, "fp8": False,
-                    "r32+int4": False, "full": False, "hadamard": False}
+    default = {f: parse({"format": "int8", "layers": {"0": f}, "basis": b}, SMOL).smooth_layer(0)
+               for f in ("int4", "hadamard+int8", "int8", "r32+int4", "full")}
+    assert not any(default.values())  # off unless asked for
     on = {f: parse({"format": "int8", "layers": {"0": f}, "basis": b, "smooth_keys": True}, SMOL).smooth_layer(0)
           for f in ("int4", "int8", "r32+int4", "hadamard", "full")}
     assert on == {"int4": True, "int8": True, "r32+int4": True, "hadamard": True, "full": False}
     assert not parse({"format": "int4", "basis": b, "smooth_keys": False}, SMOL).smooth_layer(5)
     assert not parse({"format": "int4"}, SMOL).smooth_layer(5)  # no basis file: nothing to smooth with
-    cfg = parse({"plan": f"{PLANS}:3.56x"}, SMOL)  # the committed basis beside the plans file has scales
-    assert [cfg.smooth_layer(i) for i in range(3)] == [False, True, True]  # layer 0 is r32+int4
+    cfg = parse({"plan": f"{PLANS}:3.56x", "smooth_keys": True}, SMOL)  # the basis beside the plans has scales
+    assert [cfg.smooth_layer(i) for i in range(3)] == [True, True, True]  # layer 0 is r32+int4
     assert "(K smoothed)" in cfg.describe(30)
+    assert "(K smoothed)" not in parse({"plan": f"{PLANS}:3.56x"}, SMOL).describe(30)
     # a K that only has its V compressed is never smoothed
     assert not parse({"format": {"k": "model", "v": "int4"}, "basis": b}, SMOL).smooth_layer(0)
 
@@ -286,7 +288,7 @@ def test_smooth_keys_setting_and_default_rule():
 @pytest.mark.parametrize("settings,message", [
     ({"format": "int4", "smooth_keys": True}, "no basis file is set"),
     ({"format": "full", "basis": str(BASIS), "smooth_keys": True}, "no layer compresses K"),
-    ({"format": "int4", "basis": str(BASIS), "smooth_keys": "on"}, "expected true, false or null"),
+    ({"format": "int4", "basis": str(BASIS), "smooth_keys": "on"}, "expected true or false"),
     ({"format": "int4", "basis": str(REPO / "bases" / "smollm2-135m-4x.safetensors"), "smooth_keys": True},
      "has no key smoothing scales"),
 ])
@@ -308,12 +310,12 @@ def test_simulation_codec_equals_quantsim_variant():
     bf.offsets = {"k": [off, off], "v": [off, off]}
     raw = _scales(h, d, g)
     bf.smooth, bf.smooth_raw = [s, s], [raw, raw]
-    plugin = make_codec("hadamard+int4", "k", 1, bf, d, h)  # default rule: smoothed
+    plugin = make_codec("hadamard+int4", "k", 1, bf, d, h, smooth_keys=True)
     ours = VariantCodec(offset=off, smooth=s, rotate=True)
     assert torch.allclose(ours(x), plugin(x), atol=1e-4 * float(x.abs().max()), rtol=0)
     # without offsets the raw-moment scales (quantsim's k:sq0.5 with no offsets)
-    no_off = make_codec("hadamard+int4", "k", 1, bf, d, h, use_offsets=False)
+    no_off = make_codec("hadamard+int4", "k", 1, bf, d, h, use_offsets=False, smooth_keys=True)
     assert torch.allclose(VariantCodec(smooth=raw, rotate=True)(x), no_off(x), atol=1e-4 * float(x.abs().max()), rtol=0)
-    plain = make_codec("hadamard+int4", "k", 1, bf, d, h, smooth_keys=False)
-    assert not torch.allclose(plain(x), plugin(x), atol=1e-3, rtol=0)
-    assert make_codec("hadamard+int4", "v", 1, bf, d, h).tr.smooth is None  # values never
+    plain = make_codec("hadamard+int4", "k", 1, bf, d, h)  # off by default
+    assert plain.tr.smooth is None and not torch.allclose(plain(x), plugin(x), atol=1e-3, rtol=0)
+    assert make_codec("hadamard+int4", "v", 1, bf, d, h, smooth_keys=True).tr.smooth is None  # values never

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-center", action="store_true", help="do not subtract calibrated means (no offsets)")
     p.add_argument("--smooth-alpha", type=float, default=0.5,
                    help="exponent of the query-weighted key smoothing scales s = (E[k^2]/E[q^2])^(alpha/2) "
-                        "written to the file (k.smooth.*; used by rotated quantized K formats, see smooth_keys)")
+                        "written to the file (k.smooth.*, k.smooth_raw.*; used with the smooth_keys setting)")
     p.add_argument("--no-smooth", action="store_true", help="write no key smoothing scales")
     p.add_argument("--ranks", choices=("energy", "uniform", "budget", "plans"), default="energy",
                    help="how the file's ranks are chosen (see --energy, --rank, --budget-ratio, --plans)")

@@ -59,8 +59,8 @@ class TensorCodec:
 
 
 def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | None, head_dim: int,
-               num_kv_heads: int, use_offsets: bool | None = None, smooth_keys: bool | None = None) -> TensorCodec:
-    """``smooth_keys``: the plugin's setting of that name (None: its default rule; keys only)."""
+               num_kv_heads: int, use_offsets: bool | None = None, smooth_keys: bool = False) -> TensorCodec:
+    """``smooth_keys``: the plugin's setting of that name (keys only)."""
     from .config import smooth_keys_for
 
     tf = TensorFormat.parse(fmt) if isinstance(fmt, str) else fmt

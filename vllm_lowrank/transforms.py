@@ -130,13 +130,6 @@ def build_tensor_transform(fmt: TensorFormat, num_kv_heads: int, head_dim: int,
     return TensorTransform(basis[:, :, :fmt.rank].float().contiguous(), offset, smooth)
 
 
-def smoothing_by_default(fmt: TensorFormat) -> bool:
-    """Whether a K format gets the basis file's key smoothing when the settings do not say
-    (``smooth_keys`` absent): a Hadamard rotation followed by a quantized storage (int8, fp8, int4),
-    the case the smoothing was designed and measured for (EVALUATION.md)."""
-    return fmt.transform == "hadamard" and fmt.storage in ("int8", "fp8", "int4")
-
-
 def smoothing_applies(fmt: TensorFormat) -> bool:
     """Whether ``smooth_keys: true`` smooths a K format: every lossy one (any transform or a quantized
     storage); a K kept exactly (``model`` storage, no transform) is left alone."""
