@@ -85,14 +85,16 @@ def _fmt(spec: str, rk: int = 24, rv: int = 16) -> LayerFormat:
 
 
 def _setup(spec: str, h: int, d: int, dtype: torch.dtype, device: str, offsets: bool = True,
-           rk: int = 24, rv: int = 16) -> tuple[SlotLayout, LayerTransforms]:
+           rk: int = 24, rv: int = 16, smooth: bool = False) -> tuple[SlotLayout, LayerTransforms]:
+    """``smooth``: random positive key smoothing scales (spread over ~10x, as calibrated ones are)."""
     fmt = _fmt(spec, rk, rv)
     layout = SlotLayout.build(fmt, d, dtype)
     basis = torch.linalg.qr(torch.randn(h, d, d, dtype=torch.float64))[0].float()
     trs = []
-    for f in (fmt.k, fmt.v):
+    for t, f in (("k", fmt.k), ("v", fmt.v)):
         off = torch.randn(h, d) * 0.5 if offsets and torch.rand(()) < 0.7 else None
-        trs.append(build_tensor_transform(f, h, d, basis, off))
+        sm = (torch.randn(h, d) * 0.6).exp() if smooth and t == "k" else None
+        trs.append(build_tensor_transform(f, h, d, basis, off, sm))
     return layout, LayerTransforms(*trs).to(device)
 
 
@@ -151,8 +153,19 @@ STORE_SPECS = ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8", "lowran
 @pytest.mark.parametrize("spec", STORE_SPECS)
 def test_store_bytes_equal_codec(spec, dtype, device, seed):
     """Every byte of every stored slot equals codec.encode_layer; other slots and padding untouched."""
+    _check_store(spec, dtype, device, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", ["full", "int4", "int8", "hadamard+int8/int8", "r16/int8"])
+def test_store_smoothing(spec, device, seed):
+    """With key smoothing the host divides K by s before the projection: same bytes as the codec."""
+    _check_store(spec, torch.bfloat16, device, seed, smooth=True)
+
+
+def _check_store(spec, dtype, device, seed, smooth=False):
     h, d, bs = 2, 64, 16
-    layout, tr = _setup(spec, h, d, dtype, device)
+    layout, tr = _setup(spec, h, d, dtype, device, smooth=smooth)
     n = 13
     k, v = _kv(n + 3, h, d, dtype, device)  # rows past slot_mapping's length are not stored
     cache = torch.randint(0, 256, cache_shape(6, bs, h, layout.slot_bytes), dtype=torch.uint8, device=device)
@@ -204,8 +217,8 @@ DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "had
 
 def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16, seq_lens=(1, 37, 70, 16),
                   rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0, q_mul=1.0, v_mul=1.0,
-                  token_rows=False):
-    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
+                  token_rows=False, smooth=False):
+    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv, smooth=smooth)
     cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device, v_mul=v_mul)
     b = len(seq_lens)
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
@@ -266,6 +279,17 @@ def test_decode_extreme_ranges(spec, device, seed):
         _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-3, seq_lens=(300, 70, 45), token_rows=token_rows)
 
 
+# query-weighted key smoothing: K stored as P^T ((k - c) / s), queries projected as P^T (s q) on the host
+SMOOTH_SPECS = ["int4", "hadamard+int8/int8", "int8", "lowrank+int8", "r64/fp8"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("spec", SMOOTH_SPECS)
+def test_decode_smoothing(spec, dtype, device, seed):
+    _check_decode(spec, dtype, device, seed, smooth=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", [DEVICES[1]])
 @pytest.mark.parametrize("spec", ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8"])
@@ -283,10 +307,11 @@ PREFILL_SPECS = ["full", "int8", "fp8", "int4", "lowrank", "lowrank+int8", "r16/
 
 
 def _check_prefill(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16,
-                   seq_q=((40, 7), (1, 1), (45, 45), (33, 16), (20, 1)), rk=24, rv=16, block_m=32, block_n=16):
+                   seq_q=((40, 7), (1, 1), (45, 45), (33, 16), (20, 1)), rk=24, rv=16, block_m=32, block_n=16,
+                   smooth=False):
     """Requests given as (seq_len, q_len): decodes, whole prompts and continuation chunks."""
     seq_lens = [s for s, _ in seq_q]
-    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv)
+    layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv, smooth=smooth)
     cache, bt = _paged_requests(seq_lens, h, d, block_size, layout, tr, dtype, device)
     qsl = [0]
     for _, n in seq_q:
@@ -328,6 +353,13 @@ def test_prefill_shapes(case, device, seed):
     case = dict(case)
     spec, dtype = case.pop("spec"), case.pop("dtype")
     _check_prefill(spec, dtype, device, seed, **case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("spec", SMOOTH_SPECS)
+def test_prefill_smoothing(spec, dtype, device, seed):
+    _check_prefill(spec, dtype, device, seed, smooth=True)
 
 
 @pytest.mark.gpu

@@ -517,11 +517,17 @@ def transform_args(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def project_queries(query: torch.Tensor, tr, num_kv_heads: int) -> torch.Tensor:
-    """``P_k^T q`` [T, Hq, r_k] (float32) with one batched matmul over KV heads; the query itself
-    when K has no basis (the K offset shifts every score of a query equally: softmax drops it)."""
-    if tr.basis is None:
+    """``P_k^T S q`` [T, Hq, r_k] (float32) with one batched matmul over KV heads (``S``: the key
+    smoothing, when K has one); the query itself when K has neither basis nor smoothing (the K offset
+    shifts every score of a query equally: softmax drops it)."""
+    smooth = tr.smooth
+    if tr.basis is None and smooth is None:
         return query
     t, hq, d = query.shape
     g = hq // num_kv_heads
     q = query.reshape(t, num_kv_heads, g, d).float()
+    if smooth is not None:
+        q = q * smooth.float()[None, :, None, :]
+    if tr.basis is None:
+        return q.reshape(t, hq, d)
     return torch.einsum("thgd,hdr->thgr", q, tr.basis.float()).reshape(t, hq, -1)

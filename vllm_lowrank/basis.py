@@ -5,7 +5,14 @@ One safetensors file. Tensors, for ``t`` in ``k``, ``v`` and each layer ``i``:
 - ``{t}.basis.{i}``: [H, D, R] float32, orthonormal columns, by decreasing eigenvalue (R <= D
   columns kept; any rank up to R can be used);
 - ``{t}.eigenvalues.{i}``: [H, D] float32, the second-moment spectrum (descending);
-- ``{t}.offset.{i}``: [H, D] float32, optional calibrated mean, subtracted before the transform.
+- ``{t}.offset.{i}``: [H, D] float32, optional calibrated mean, subtracted before the transform;
+- ``k.smooth.{i}``: [H, D] float32, optional (keys only; every layer or none), positive query-weighted
+  key smoothing scales ``s``: keys are divided by ``s`` after the offset and before the transform, the
+  queries multiplied by ``s`` (:mod:`vllm_lowrank.transforms`); made for use with the file's offsets
+  (from the keys' second moments about the calibrated mean) when it has offsets; metadata
+  ``key_smoothing`` says how they were made;
+- ``k.smooth_raw.{i}``: [H, D] float32, optional (only beside ``k.smooth``): the same scales from the
+  keys' raw second moments, used instead when the offsets are not subtracted (``offset: false``).
 
 Metadata (JSON under the safetensors metadata key ``lowrank``): ``format_version``, ``model``,
 ``num_layers``, ``num_kv_heads``, ``head_dim``, ``ranks`` (``{"k": [...], "v": [...]}`` per layer:
@@ -44,12 +51,22 @@ class BasisFile:
     basis_space: str = "post_rope"
     extra: dict[str, Any] = field(default_factory=dict)  # retained_energy, calibration, ...
     path: str = ""
+    smooth: list[torch.Tensor] | None = None  # per layer [H, D]: key smoothing scales (None: absent)
+    smooth_raw: list[torch.Tensor] | None = None  # the same for keys without offsets (None: use ``smooth``)
 
     def stored_rank(self, t: str, layer: int) -> int:
         return self.bases[t][layer].shape[-1]
 
     def has_offsets(self) -> bool:
         return any(o is not None for t in TENSORS for o in self.offsets.get(t, []))
+
+    def has_smoothing(self) -> bool:
+        return self.smooth is not None
+
+    def key_scales(self, use_offsets: bool) -> list[torch.Tensor]:
+        """The key smoothing scales per layer [H, D] for keys with (or without) the offsets subtracted."""
+        assert self.smooth is not None, "this basis file has no key smoothing scales"
+        return self.smooth if use_offsets or self.smooth_raw is None else self.smooth_raw
 
     def metadata(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model, "num_layers": self.num_layers,
@@ -67,7 +84,20 @@ class BasisFile:
                 off = self.offsets.get(t, [None] * self.num_layers)[i]
                 if off is not None:
                     tensors[f"{t}.offset.{i}"] = off.float().contiguous()
+        tensors.update(self.smooth_tensors())
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(self.metadata())})
+
+    def smooth_tensors(self) -> dict[str, torch.Tensor]:
+        """The ``k.smooth.{i}`` tensors to save (none when the file has no smoothing)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.smooth_raw is not None and self.smooth is None:
+            raise BasisFileError("k.smooth_raw scales need k.smooth scales beside them")
+        for name, scales in (("smooth", self.smooth), ("smooth_raw", self.smooth_raw)):
+            if scales is not None:
+                check_smoothing(scales, self.num_layers, self.num_kv_heads, self.head_dim, self.path or "<new>",
+                                name)
+                out.update({f"k.{name}.{i}": s.float().contiguous() for i, s in enumerate(scales)})
+        return out
 
     @staticmethod
     def load(path: str | Path) -> "BasisFile":
@@ -110,10 +140,16 @@ class BasisFile:
                 eig[t].append(e.float())
                 o = tensors.get(f"{t}.offset.{i}")
                 offs[t].append(None if o is None else o.float())
+        if any(k.startswith("v.smooth") for k in tensors):
+            raise BasisFileError(f"basis file {str(p)!r} has value smoothing scales (v.smooth*): only keys "
+                                 f"can be smoothed")
+        smooth, smooth_raw = (_load_scales(tensors, name, n, h, d, str(p)) for name in ("smooth", "smooth_raw"))
+        if smooth_raw is not None and smooth is None:
+            raise BasisFileError(f"basis file {str(p)!r} has k.smooth_raw scales without k.smooth scales")
         extra = {k: v for k, v in meta.items() if k not in (
             "format_version", "model", "num_layers", "num_kv_heads", "head_dim", "ranks", "basis_space")}
         return BasisFile(n, h, d, bases, eig, offs, meta.get("ranks") or {}, meta.get("model", ""),
-                         meta.get("basis_space", "post_rope"), extra, str(p))
+                         meta.get("basis_space", "post_rope"), extra, str(p), smooth, smooth_raw)
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise :class:`BasisFileError` naming every way this file does not fit the model."""
@@ -126,6 +162,44 @@ class BasisFile:
         if self.basis_space != "post_rope":
             raise BasisFileError(f"basis file {self.path!r} is a {self.basis_space!r} basis; this backend "
                                  f"uses post-RoPE bases")
+
+
+def _load_scales(tensors: dict[str, torch.Tensor], name: str, n: int, h: int, d: int,
+                 where: str) -> list[torch.Tensor] | None:
+    """The ``k.{name}.{i}`` scales of every layer (None when the file has none), checked."""
+    prefix = f"k.{name}."
+    found = sorted(k for k in tensors if k.startswith(prefix))
+    if not found:
+        return None
+    scales = []
+    for i in range(n):
+        s = tensors.get(f"{prefix}{i}")
+        if s is None:
+            raise BasisFileError(f"basis file {where!r} has key smoothing scales ({prefix}*) for some layers but "
+                                 f"not for layer {i}: a file has them for every layer or none")
+        scales.append(s.float())
+    extra_keys = set(found) - {f"{prefix}{i}" for i in range(n)}
+    if extra_keys:
+        raise BasisFileError(f"basis file {where!r}: unexpected tensors {sorted(extra_keys)} (the file has {n} "
+                             f"layers)")
+    check_smoothing(scales, n, h, d, where, name)
+    return scales
+
+
+def check_smoothing(smooth: list[torch.Tensor], num_layers: int, num_kv_heads: int, head_dim: int,
+                    where: str, name: str = "smooth") -> None:
+    """Raise :class:`BasisFileError` unless ``smooth`` holds ``num_layers`` positive finite [H, D] scales."""
+    if len(smooth) != num_layers:
+        raise BasisFileError(f"basis file {where!r}: key smoothing scales (k.{name}.*) for {len(smooth)} layers, "
+                             f"the file has {num_layers}")
+    for i, s in enumerate(smooth):
+        if tuple(s.shape) != (num_kv_heads, head_dim):
+            raise BasisFileError(f"basis file {where!r}: key smoothing scales of layer {i} (k.{name}.{i}) have "
+                                 f"shape {tuple(s.shape)}, expected ({num_kv_heads}, {head_dim}) (KV heads, "
+                                 f"head_dim)")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise BasisFileError(f"basis file {where!r}: key smoothing scales of layer {i} (k.{name}.{i}) must "
+                                 f"be positive and finite")
 
 
 def orthonormal_basis_file(num_layers: int, num_kv_heads: int, head_dim: int, *, seed: int = 0,

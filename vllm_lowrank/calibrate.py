@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stores all columns")
     p.add_argument("--optimize-iters", type=int, default=300, help="gradient steps for --optimize-rank")
     p.add_argument("--no-center", action="store_true", help="do not subtract calibrated means (no offsets)")
+    p.add_argument("--smooth-alpha", type=float, default=0.5,
+                   help="exponent of the query-weighted key smoothing scales s = (E[k^2]/E[q^2])^(alpha/2) "
+                        "written to the file (k.smooth.*, k.smooth_raw.*; used with the smooth_keys setting)")
+    p.add_argument("--no-smooth", action="store_true", help="write no key smoothing scales")
     p.add_argument("--ranks", choices=("energy", "uniform", "budget", "plans"), default="energy",
                    help="how the file's ranks are chosen (see --energy, --rank, --budget-ratio, --plans)")
     p.add_argument("--energy", type=float, default=0.99, help="energy threshold for --ranks energy")
@@ -150,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                         o_projs.append(f.get_tensor(key).float())
                         break
         bases = cal.rank_optimized_bases(stats, args.optimize_rank, o_projs if len(o_projs) == num_layers else None,
-                                         args.optimize_iters)
+                                         args.optimize_iters, smooth_alpha=None if args.no_smooth else args.smooth_alpha)
         args.ranks, args.rank, args.store_rank = "uniform", args.optimize_rank, d
     else:
-        bases = cal.compute_bases(stats, key_method=args.key_basis, centered=not args.no_center)
+        bases = cal.compute_bases(stats, key_method=args.key_basis, centered=not args.no_center,
+                                  smooth_alpha=None if args.no_smooth else args.smooth_alpha)
     eigs = {"k": bases.column_energy("k"), "v": bases.column_energy("v")}
     store_per_layer = None
     if args.ranks == "energy":
@@ -182,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                  "windows", "window", "dtype")}}
     if args.plans:
         calib["plans"] = Path(args.plans).name + (f" ({', '.join(args.plan_names)})" if args.plan_names else "")
+    smoothing = None if args.no_smooth else {
+        "weight": "query", "alpha": args.smooth_alpha, "centered": not args.no_center or bool(args.optimize_rank),
+        "formula": "s = (E[k^2]/E[q^2])^(alpha/2) per layer, KV head and post-RoPE channel, E[k^2] about the "
+                   "calibrated mean when centered (k.smooth; k.smooth_raw: raw E[k^2], for use without "
+                   "offsets), geometric mean 1 per head"}
     bf = cal.make_basis_file(stats, bases, ranks, store_rank=args.store_rank, model=name, calibration=calib,
-                             store_per_layer=store_per_layer)
+                             store_per_layer=store_per_layer, key_smoothing=smoothing)
     bf.save(out_path)
     size = out_path.stat().st_size
     er = cal.effective_rank(eigs["k"]).float().mean(), cal.effective_rank(eigs["v"]).float().mean()

@@ -300,6 +300,8 @@ class Bases:
     v_offset: torch.Tensor | None
     k_colvar: torch.Tensor | None = None  # [L, H, D] diag(U^T C U): energy captured by each basis column
     v_colvar: torch.Tensor | None = None
+    k_smooth: torch.Tensor | None = None  # [L, H, D] query-weighted key smoothing scales (key_smoothing_scales)
+    k_smooth_raw: torch.Tensor | None = None  # the same from raw (uncentred) moments, for keys without offsets
 
     def column_energy(self, t: str) -> torch.Tensor:
         """Energy per basis column [L, H, D] (equals the eigenvalues for a PCA basis)."""
@@ -307,9 +309,30 @@ class Bases:
         return c if c is not None else (self.k_eigs if t == "k" else self.v_eigs)
 
 
-def compute_bases(stats: Statistics, key_method: str = "query", centered: bool = True) -> Bases:
+def key_smoothing_scales(stats: Statistics, alpha: float = 0.5, centered: bool = True) -> torch.Tensor:
+    """Query-weighted key smoothing scales [L, H, D] (float32, positive): per layer, KV head and
+    post-RoPE channel, ``s_i = (E[k_i^2] / E[q_i^2])^(alpha/2)`` (``alpha = 0.5``: the fourth root),
+    ``E[k_i^2]`` the keys' second moment about the calibrated mean when ``centered`` (what is left after
+    the offsets), ``E[q_i^2]`` the mean over the query heads of the KV head's group; normalised to
+    geometric mean 1 per head (per-token scales make the overall size irrelevant).
+
+    Why: after the Hadamard rotation the int4 error is about isotropic and proportional to the smoothed
+    key ``k / s``; the expected score error ``sum_i E[q_i^2] s_i^2 * sum_j E[k_j^2] / s_j^2`` is
+    smallest at ``s_i^2 ~ sqrt(E[k_i^2] / E[q_i^2])`` (EVALUATION.md; :func:`vllm_lowrank.quantsim.smoothing_scales`).
+    """
+    m = stats.second_moment("k", centered).diagonal(dim1=-2, dim2=-1).clamp_min(1e-12)
+    w = stats.second_moment("q").diagonal(dim1=-2, dim2=-1).clamp_min(1e-12)
+    sc = (m / w).pow(alpha / 2)
+    sc = sc / sc.log().mean(-1, keepdim=True).exp()
+    return sc.float()
+
+
+def compute_bases(stats: Statistics, key_method: str = "query", centered: bool = True,
+                  smooth_alpha: float | None = 0.5) -> Bases:
     """Eigenbases of K (post-RoPE; query-aware by default) and V; ``centered`` subtracts the calibrated
-    means (stored as offsets: exact under attention, see DESIGN.md) before the decomposition."""
+    means (stored as offsets: exact under attention, see DESIGN.md) before the decomposition;
+    ``smooth_alpha``: also the query-weighted key smoothing scales (:func:`key_smoothing_scales`; None: none).
+    The bases are those of the unsmoothed keys (smoothing is meant for rotated, quantized keys)."""
     ck = stats.second_moment("k", centered)
     cv = stats.second_moment("v", centered)
     cq = stats.second_moment("q") if key_method == "query" else None
@@ -318,7 +341,9 @@ def compute_bases(stats: Statistics, key_method: str = "query", centered: bool =
     ko = stats.mean("k") if centered else None
     vo = stats.mean("v") if centered else None
     kc = torch.einsum("lhdr,lhde,lher->lhr", kb, ck, kb)
-    return Bases(kb, vb, ke, ve, ko, vo, kc, ve)
+    ks = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, centered)
+    kr = None if smooth_alpha is None or not centered else key_smoothing_scales(stats, smooth_alpha, False)
+    return Bases(kb, vb, ke, ve, ko, vo, kc, ve, ks, kr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +438,8 @@ def payload_bytes(ranks: dict[str, list[int]], num_kv_heads: int, elem_bytes: in
 
 def make_basis_file(stats: Statistics, bases: Bases, ranks: dict[str, list[int]], store_rank: int | None = None,
                     model: str = "", calibration: dict[str, Any] | None = None,
-                    store_per_layer: dict[str, list[int]] | None = None) -> BasisFile:
+                    store_per_layer: dict[str, list[int]] | None = None,
+                    key_smoothing: dict[str, Any] | None = None) -> BasisFile:
     """A :class:`BasisFile` keeping, per layer and tensor, the chosen rank's columns (any smaller rank can
     be used too), or ``store_rank`` columns, or ``store_per_layer[t][i]``. Ranks above the stored columns
     are clipped in the file's ``ranks`` (the unclipped ones go to ``chosen_ranks``)."""
@@ -441,7 +467,15 @@ def make_basis_file(stats: Statistics, bases: Bases, ranks: dict[str, list[int]]
     extra = {"retained_energy": energy, "calibration": calibration or {}}
     if chosen:
         extra["chosen_ranks"] = {t: chosen.get(t, ranks[t]) for t in ("k", "v")}
-    return BasisFile(num_layers, h, d, b, e, o, ranks, model, "post_rope", extra)
+    smooth = smooth_raw = None
+    if bases.k_smooth is not None:
+        smooth = [bases.k_smooth[i].float().contiguous() for i in range(num_layers)]
+        if bases.k_smooth_raw is not None:
+            smooth_raw = [bases.k_smooth_raw[i].float().contiguous() for i in range(num_layers)]
+        extra["key_smoothing"] = key_smoothing if key_smoothing is not None else {
+            "weight": "query", "formula": "(E[k^2]/E[q^2])^(alpha/2), geometric mean 1 per head"}
+    return BasisFile(num_layers, h, d, b, e, o, ranks, model, "post_rope", extra, smooth=smooth,
+                     smooth_raw=smooth_raw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -489,7 +523,7 @@ def output_weight(o_proj: torch.Tensor, num_kv_heads: int, head_dim: int) -> tor
 
 
 def rank_optimized_bases(stats: Statistics, rank: int, o_projs: list[torch.Tensor] | None,
-                         iters: int = 300) -> Bases:
+                         iters: int = 300, smooth_alpha: float | None = 0.5) -> Bases:
     """Bases whose first ``rank`` columns are optimised for attention (K: scores; V: output, when the
     output projections are given, else PCA); offsets = calibrated means."""
     ck = stats.second_moment("k", True)
@@ -505,7 +539,9 @@ def rank_optimized_bases(stats: Statistics, rank: int, o_projs: list[torch.Tenso
     ve, _ = eig_desc(cv)
     kc = torch.einsum("lhdr,lhde,lher->lhr", kb, ck, kb)
     vc = torch.einsum("lhdr,lhde,lher->lhr", vb, cv, vb)
-    return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc)
+    ks = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, True)
+    kr = None if smooth_alpha is None else key_smoothing_scales(stats, smooth_alpha, False)
+    return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc, ks, kr)
 
 
 def save_compact(bf: BasisFile, path: str | Path) -> None:
@@ -524,6 +560,7 @@ def save_compact(bf: BasisFile, path: str | Path) -> None:
             off = bf.offsets.get(t, [None] * bf.num_layers)[i]
             if off is not None:
                 tensors[f"{t}.offset.{i}"] = off.float().contiguous()
+    tensors.update(bf.smooth_tensors())  # float32, like the offsets
     meta = bf.metadata()
     meta["basis_dtype"] = "float16"
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})

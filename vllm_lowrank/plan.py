@@ -72,5 +72,8 @@ def build_layer_state(cfg: LowRankConfig, layer: int, local_kv_heads: int, head_
                 if off is None:
                     raise LowRankConfigError(f"basis file {b.path!r} has no {t.upper()} offset for layer {layer}")
                 offset = off[heads.start:heads.stop]
-        parts.append(build_tensor_transform(tf, local_kv_heads, head_dim, basis, offset))
+        smooth = None
+        if t == "k" and cfg.smooth_layer(layer):
+            smooth = b.key_scales(cfg.use_offsets)[layer][heads.start:heads.stop]
+        parts.append(build_tensor_transform(tf, local_kv_heads, head_dim, basis, offset, smooth))
     return LayerState(layout, LayerTransforms(*parts).to(device))

@@ -298,7 +298,8 @@ def compose_plan_basis(layers: dict[str, dict[str, str]], rank_files: dict[int, 
     extra = dict(fallback.extra)
     extra["optimised_ranks"] = sorted(rank_files)
     return BasisFile(n, fallback.num_kv_heads, fallback.head_dim, bases, fallback.eigenvalues, fallback.offsets,
-                     ranks, fallback.model, "post_rope", extra)
+                     ranks, fallback.model, "post_rope", extra, smooth=fallback.smooth,
+                     smooth_raw=fallback.smooth_raw)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ class TensorCodec:
 
 
 def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | None, head_dim: int,
-               num_kv_heads: int, use_offsets: bool | None = None) -> TensorCodec:
+               num_kv_heads: int, use_offsets: bool | None = None, smooth_keys: bool = False) -> TensorCodec:
+    """``smooth_keys``: the plugin's setting of that name (keys only)."""
+    from .config import smooth_keys_for
+
     tf = TensorFormat.parse(fmt) if isinstance(fmt, str) else fmt
     tf.validate(head_dim)
     if use_offsets is None:
@@ -68,7 +71,12 @@ def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | N
     off = basis.offsets[t][layer] if (basis is not None and use_offsets) else None
     if tf.transform == "basis" and (b is None or b.shape[-1] < tf.rank):
         raise ValueError(f"layer {layer} {t.upper()} format {tf} needs {tf.rank} basis columns")
-    return TensorCodec(tf, build_tensor_transform(tf, num_kv_heads, head_dim, b, off), head_dim)
+    smooth = None
+    if t == "k" and smooth_keys_for(tf, smooth_keys, basis):
+        if basis is None or not basis.has_smoothing():
+            raise ValueError("smooth_keys=true needs a basis file with key smoothing scales")
+        smooth = basis.key_scales(use_offsets)[layer]
+    return TensorCodec(tf, build_tensor_transform(tf, num_kv_heads, head_dim, b, off, smooth), head_dim)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
