@@ -99,16 +99,16 @@ def _setup(spec: str, h: int, d: int, dtype: torch.dtype, device: str, offsets: 
 
 
 def _kv(n: int, h: int, d: int, dtype: torch.dtype, device: str,
-        v_mul: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        v_mul: float = 1.0, k_mul: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys with a constant per-channel bias (what offsets remove) and plain values."""
-    k = torch.randn(n, h, d) + torch.randn(1, h, d)
+    k = (torch.randn(n, h, d) + torch.randn(1, h, d)) * k_mul
     v = torch.randn(n, h, d) * 0.7 * v_mul
     return k.to(dtype).to(device), v.to(dtype).to(device)
 
 
 def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout: SlotLayout,
                     transforms: LayerTransforms, dtype: torch.dtype, device: str, spare_blocks: int = 3,
-                    v_mul: float = 1.0):
+                    v_mul: float = 1.0, k_mul: float = 1.0):
     """A cache of random garbage with each request's tokens stored (by the oracle) in shuffled blocks."""
     nblk = [-(-s // block_size) for s in seq_lens]
     max_blocks = max(nblk) + 1
@@ -124,7 +124,7 @@ def _paged_requests(seq_lens: list[int], h: int, d: int, block_size: int, layout
         used += n
     block_table = block_table.to(device)
     for i, s in enumerate(seq_lens):
-        k, v = _kv(s, h, d, dtype, device, v_mul)
+        k, v = _kv(s, h, d, dtype, device, v_mul, k_mul)
         reference.store(k, v, cache, reference.gather_slots(block_table[i], s, block_size), layout, transforms)
     return cache, block_table
 
@@ -217,9 +217,10 @@ DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "had
 
 def _check_decode(spec, dtype, device, seed, *, h=2, group=3, d=64, block_size=16, seq_lens=(1, 37, 70, 16),
                   rk=24, rv=16, num_splits=3, block_n=16, workspace_extra=0, q_mul=1.0, v_mul=1.0,
-                  token_rows=False, smooth=False):
+                  token_rows=False, smooth=False, k_mul=1.0):
     layout, tr = _setup(spec, h, d, dtype, device, rk=rk, rv=rv, smooth=smooth)
-    cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device, v_mul=v_mul)
+    cache, bt = _paged_requests(list(seq_lens), h, d, block_size, layout, tr, dtype, device, v_mul=v_mul,
+                                k_mul=k_mul)
     b = len(seq_lens)
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     q = (torch.randn(b, h * group, d) * q_mul).to(dtype).to(device)
@@ -270,13 +271,16 @@ def test_decode_token_rows(spec, dtype, device, seed):
 def test_decode_extreme_ranges(spec, device, seed):
     """Quantized tensors run fp16 dots; the kernels must handle fp16's range exactly, whatever the model's.
 
-    Queries up to ~1e5 (past fp16's 65504; the kernel scales each row by a power of two) and values of
-    ~1e-3, whose scales (~1e-5) times the softmax weights fall below fp16's normal range (the kernel
-    divides the weights by the tile's largest scale). Without either step the error is O(1).
+    Queries up to ~1e5 (past fp16's 65504; the kernel scales each row by a power of two; the keys are
+    scaled down as much, so that the logits stay O(1) and the softmax does not amplify the queries'
+    ordinary fp16 rounding) and values of ~1e-3, whose scales (~1e-5) times the softmax weights fall
+    below fp16's normal range (the kernel divides the weights by the tile's largest scale). Without
+    either step the error is O(1).
     """
     for token_rows in (False, True):
-        _check_decode(spec, torch.bfloat16, device, seed, q_mul=3e4, seq_lens=(3, 70, 45), token_rows=token_rows)
-        _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-3, seq_lens=(300, 70, 45), token_rows=token_rows)
+        _check_decode(spec, torch.bfloat16, device, seed, q_mul=3e4, k_mul=1 / 3e4, seq_lens=(3, 70, 45),
+                      token_rows=token_rows)
+        _check_decode(spec, torch.bfloat16, device, seed, v_mul=1e-4, seq_lens=(300, 70, 45), token_rows=token_rows)
 
 
 # query-weighted key smoothing: K stored as P^T ((k - c) / s), queries projected as P^T (s q) on the host
