@@ -191,13 +191,15 @@ def ours_variant(pb: Problem, fmt, cfg: dict):
     """(call(block_table), bytes read, info) of our decode kernel on one format."""
     from vllm_lowrank.formats import SlotLayout
     from vllm_lowrank.kernels import decode_attention, default_num_splits, workspace_numel
+    from vllm_lowrank.kernels.decode import DEFAULT_BLOCK_N
 
     layout = SlotLayout.build(fmt, pb.d, torch.bfloat16)
     tr = random_transforms(fmt, pb.h, pb.d)
     cache = pb.ours(layout.slot_bytes)
     q = torch.randn(pb.batch, pb.hq, pb.d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    splits = cfg.get("num_splits") or default_num_splits(pb.batch, pb.h, "cuda", block_n=cfg.get("block_n", 64))
+    splits = cfg.get("num_splits") or default_num_splits(pb.batch, pb.h, "cuda",
+                                                         block_n=cfg.get("block_n", DEFAULT_BLOCK_N))
     ws = torch.empty(workspace_numel(pb.batch, pb.hq, layout.v.latent_dim, splits), device="cuda")
     kw = {k: v for k, v in cfg.items() if k != "num_splits"}
     def call(bt: torch.Tensor) -> None:

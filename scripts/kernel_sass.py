@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({spec: {"registers": regs, "shared_bytes": smem, "loop_instructions": n,
                                                 "opcodes": dict(mix)} for spec, regs, smem, n, mix in rows}, indent=1))
-    print(f"\ndecode split kernel{' (token rows)' if args.token_rows else ''}, sm_{args.arch}, head_dim {args.head_dim}, group {args.group}, block_size "
+    variant = " (token rows)" if args.token_rows else ""
+    print(f"\ndecode split kernel{variant}, sm_{args.arch}, head_dim {args.head_dim}, group {args.group}, block_size "
           f"{args.block_size}, BLOCK_N {args.block_n}, {args.num_warps} warps; loop = instructions per thread "
           f"per tile of {args.block_n} tokens")
     print(f"{'format':<22} {'regs':>5} {'smem':>7} {'loop':>6}  top opcodes")

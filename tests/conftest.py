@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_lowrank.engine import kv_cache_tokens, vllm_llm  # noqa: F401  (re-exported to the tests)
 
@@ -67,3 +68,13 @@ def real_qkv(smollm2) -> dict[int, tuple]:
         for h in hooks:
             h.remove()
     return {i: (captured[i][0], captured[i][1], values[i].view(values[i].shape[0], 3, 64)) for i in (0, 7, 15, 29)}
+
+
+def attention64(q, k, v, q_pos, scale):
+    """Float64 causal attention: q [Q, Hq, D] at positions q_pos over k/v [L, H, D] (the tests' ground truth)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = torch.einsum("qhd,lhd->hql", q.double(), k) * scale
+    s = s.masked_fill(torch.arange(k.shape[0])[None, :] > q_pos[:, None], float("-inf"))
+    return torch.einsum("hql,lhd->qhd", torch.softmax(s, -1), v)

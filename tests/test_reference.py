@@ -27,6 +27,7 @@ from vllm_lowrank.basis import orthonormal_basis_file
 from vllm_lowrank.codec import decode_layer, encode_layer
 from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, cache_shape, preset_format
 from vllm_lowrank.transforms import LayerTransforms, TensorTransform, build_tensor_transform
+from conftest import attention64
 
 LOSSLESS_TOL = 1e-5
 MATH_TOL = 2e-5
@@ -85,16 +86,6 @@ def _fill_cache(layout, transforms, num_blocks, block_size, table, keys, values,
     return cache
 
 
-def _attention64(q, k, v, q_pos, scale):
-    """Float64 causal attention: q [Q, Hq, D] at positions q_pos over k/v [L, H, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(group, 1)
-    v = v.double().repeat_interleave(group, 1)
-    s = torch.einsum("qhd,lhd->hql", q.double(), k) * scale
-    s = s.masked_fill(torch.arange(k.shape[0])[None, :] > q_pos[:, None], float("-inf"))
-    return torch.einsum("hql,lhd->qhd", torch.softmax(s, -1), v)
-
-
 def _decoded_kv(cache, table_row, n, layout, transforms):
     k_lat, v_lat = reference.request_latents(cache, table_row, n, layout)
     rebuild = lambda tr, lat: tr.reconstruct(lat, 1)  # noqa: E731  [L, H, r] -> [L, H, D]
@@ -124,9 +115,9 @@ def test_decode_matches_float64(fmt, offsets, gen):
     for r, n in enumerate(seq_lens):
         pos = torch.tensor([n - 1])
         k_hat, v_hat = _decoded_kv(cache, table[r], n, layout, tr)
-        assert _rel(out[r:r + 1], _attention64(q[r:r + 1], k_hat, v_hat, pos, scale)) < MATH_TOL
+        assert _rel(out[r:r + 1], attention64(q[r:r + 1], k_hat, v_hat, pos, scale)) < MATH_TOL
         if fmt in FORMAT_TOL and not offsets:  # random offsets are not the data mean: math check only
-            exact = _attention64(q[r:r + 1], keys[r], values[r], pos, scale)
+            exact = attention64(q[r:r + 1], keys[r], values[r], pos, scale)
             assert _rel(out[r:r + 1], exact) < FORMAT_TOL[fmt], f"request {r} ({n} tokens)"
 
 
@@ -149,7 +140,7 @@ def test_paged_prefill_matches_float64_and_decode(fmt, gen):
     for r, (n, ql) in enumerate(zip(seq_lens, q_lens)):
         pos = torch.arange(n - ql, n)
         k_hat, v_hat = _decoded_kv(cache, table[r], n, layout, tr)
-        assert _rel(out[qsl[r]:qsl[r + 1]], _attention64(q[qsl[r]:qsl[r + 1]], k_hat, v_hat, pos, scale)) < MATH_TOL
+        assert _rel(out[qsl[r]:qsl[r + 1]], attention64(q[qsl[r]:qsl[r + 1]], k_hat, v_hat, pos, scale)) < MATH_TOL
         # the last query of a chunk sees what a decode at that length sees
         one = torch.full((1, hq, d), float("nan"))
         reference.decode_attention(q[qsl[r + 1] - 1:qsl[r + 1]], cache, table[r:r + 1], torch.tensor([n]),
@@ -160,7 +151,7 @@ def test_paged_prefill_matches_float64_and_decode(fmt, gen):
 def test_exact_prefill_matches_float64(gen):
     q, k, v = torch.randn(40, 9, 64, generator=gen), torch.randn(40, 3, 64, generator=gen), torch.randn(40, 3, 64, generator=gen)
     out = reference.exact_causal_attention(q, k, v, 0.125)
-    assert _rel(out, _attention64(q, k, v, torch.arange(40), 0.125)) < LOSSLESS_TOL
+    assert _rel(out, attention64(q, k, v, torch.arange(40), 0.125)) < LOSSLESS_TOL
 
 
 @pytest.mark.parametrize("storage", ["int8", "fp8", "int4"])
@@ -202,7 +193,7 @@ def test_real_kv_attention(real_qkv, fmt, tol, gen):
         out = torch.full_like(q, float("nan"))
         reference.paged_attention(q, cache, table, [n], [0, n], layout, tr, d ** -0.5, out)
         assert torch.isfinite(out).all()
-        err = _rel(out, _attention64(q, k, v, torch.arange(n), d ** -0.5))
+        err = _rel(out, attention64(q, k, v, torch.arange(n), d ** -0.5))
         assert err < tol, f"layer {layer}: {err:.3e}"
 
 

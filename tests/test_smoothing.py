@@ -24,6 +24,7 @@ from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, cache_sh
 from vllm_lowrank.quantsim import VariantCodec, smoothing_scales
 from vllm_lowrank.simulate import make_codec
 from vllm_lowrank.transforms import LayerTransforms, TensorTransform, build_tensor_transform
+from conftest import attention64
 
 REPO = Path(__file__).resolve().parent.parent
 BASIS = REPO / "bases" / "smollm2-135m.safetensors"
@@ -88,15 +89,6 @@ def _layer(kfmt: str, vfmt: str, h: int, d: int, gen: torch.Generator, smooth: t
     return SlotLayout.build(fmt, d, torch.float32), LayerTransforms(*parts)
 
 
-def _attention64(q, k, v, q_pos, scale):
-    group = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(group, 1)
-    v = v.double().repeat_interleave(group, 1)
-    s = torch.einsum("qhd,lhd->hql", q.double(), k) * scale
-    s = s.masked_fill(torch.arange(k.shape[0])[None, :] > q_pos[:, None], float("-inf"))
-    return torch.einsum("hql,lhd->qhd", torch.softmax(s, -1), v)
-
-
 def _anisotropic(n: int, h: int, d: int, gen: torch.Generator, sk: torch.Tensor, sq: torch.Tensor, hq: int):
     """Keys with per-channel spreads ``sk`` [H, D], queries with ``sq`` (per KV head, repeated over the group)."""
     k = torch.randn(n, h, d, generator=gen) * sk
@@ -143,14 +135,14 @@ def test_decode_and_paged_match_float64(kfmt, vfmt, tol, offsets, gen):
     out = torch.full_like(q, float("nan"))
     reference.decode_attention(q, cache, table, torch.tensor(seq_lens), layout, tr, scale, out)
     for r, n in enumerate(seq_lens):
-        exact = _attention64(q[r:r + 1], keys[r], values[r], torch.tensor([n - 1]), scale)
+        exact = attention64(q[r:r + 1], keys[r], values[r], torch.tensor([n - 1]), scale)
         assert _rel(out[r:r + 1], exact) < tol, f"decode, request {r} ({n} tokens)"
     # a chunk of queries over the same cache (continuation / prefix hit), causal
     r, n, ql = 2, seq_lens[2], 12
     qc = torch.randn(ql, hq, d, generator=gen) * qs
     outc = torch.full_like(qc, float("nan"))
     reference.paged_attention(qc, cache, table[r:r + 1], [n], [0, ql], layout, tr, scale, outc)
-    exact = _attention64(qc, keys[r], values[r], torch.arange(n - ql, n), scale)
+    exact = attention64(qc, keys[r], values[r], torch.arange(n - ql, n), scale)
     assert _rel(outc, exact) < tol, "paged"
 
 
@@ -171,7 +163,7 @@ def test_smoothing_cuts_the_int4_score_error_on_anisotropic_keys():
         reference.store(k, v, cache, reference.gather_slots(table[0], n, 16), layout, tr)
         out = torch.full_like(q, float("nan"))
         reference.paged_attention(q, cache, table, [n], [0, n], layout, tr, d ** -0.5, out)
-        errs[name] = _rel(out, _attention64(q, k, v, torch.arange(n), d ** -0.5))
+        errs[name] = _rel(out, attention64(q, k, v, torch.arange(n), d ** -0.5))
     assert errs["query-weighted"] < 0.8 * errs["none"] < errs["inverse"], errs
 
 

@@ -239,17 +239,23 @@ def tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE: tl.constexpr, 
 @triton.jit
 def tile_field(cache_ptr, page, w0, OFF: tl.constexpr, NBYTES: tl.constexpr, NCOL: tl.constexpr,
                TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, DTYPE: tl.constexpr,
-               TRANSPOSED: tl.constexpr = False):
+               TRANSPOSED: tl.constexpr = False, CHANNELS_FIRST: tl.constexpr = False):
     """Pointers to columns ``0 .. NCOL`` of a field of a tile's tokens (see tile_pages).
 
-    Token-major fields: [BLOCK_N, NCOL], contiguous along columns. Transposed fields: [NB, TILE_B, NCOL],
-    so that the compiler sees a block's tokens contiguous (and loads them as vectors); the caller
-    reshapes the loaded tile.
+    Token-major fields: [BLOCK_N, NCOL], contiguous along columns. Transposed fields: [NB, TILE_B, NCOL]
+    (or [NCOL, NB, TILE_B] if ``CHANNELS_FIRST``), so that the compiler sees a block's tokens contiguous
+    (and loads them as vectors); the caller reshapes the loaded tile.
     """
     if TRANSPOSED:
-        t = w0 + tl.arange(0, TILE_B)[None, :, None]
-        c = tl.arange(0, NCOL)[None, None, :]
-        return field_ptr(cache_ptr, page[:, None, None], t, OFF, NBYTES, BLOCK_SIZE, DTYPE, True) + c * BLOCK_SIZE
+        if CHANNELS_FIRST:
+            t = w0 + tl.arange(0, TILE_B)[None, None, :]
+            c = tl.arange(0, NCOL)[:, None, None]
+            pg = page[None, :, None]
+        else:
+            t = w0 + tl.arange(0, TILE_B)[None, :, None]
+            c = tl.arange(0, NCOL)[None, None, :]
+            pg = page[:, None, None]
+        return field_ptr(cache_ptr, pg, t, OFF, NBYTES, BLOCK_SIZE, DTYPE, True) + c * BLOCK_SIZE
     else:
         n: tl.constexpr = page.shape[0] * TILE_B
         # page byte offsets are multiples of 16 (cache_shape); the reshape hides it from the compiler
@@ -310,10 +316,12 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
 @triton.jit
 def load_payload(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr,
                  NVALID: tl.constexpr, NCOL: tl.constexpr, TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 MODEL_DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr, MASK_TOKENS: tl.constexpr):
+                 MODEL_DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr, MASK_TOKENS: tl.constexpr,
+                 CHANNELS_FIRST: tl.constexpr = False):
     """The payloads [BLOCK_N, NCOL] of a tile of tokens in their stored dtype (model dtype, int8, e4m3;
     int4 as raw bytes of two channels each), zero past column ``NVALID`` and, if ``MASK_TOKENS``, at
-    tokens past the end (otherwise whatever their page holds: callers mask the scores or the weights)."""
+    tokens past the end (otherwise whatever their page holds: callers mask the scores or the weights).
+    ``CHANNELS_FIRST``: the tile as [NCOL, BLOCK_N] (a transposed field is loaded that way directly)."""
     if STORAGE == MODEL:
         dtype: tl.constexpr = MODEL_DTYPE
     elif STORAGE == INT8:
@@ -322,14 +330,19 @@ def load_payload(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.const
         dtype: tl.constexpr = tl.float8e4nv
     else:
         dtype: tl.constexpr = tl.uint8
-    ptr = tile_field(cache_ptr, page, w0, OFF, NBYTES, NCOL, TILE_B, BLOCK_SIZE, dtype, TRANSPOSED)
+    ptr = tile_field(cache_ptr, page, w0, OFF, NBYTES, NCOL, TILE_B, BLOCK_SIZE, dtype, TRANSPOSED,
+                     CHANNELS_FIRST and TRANSPOSED)
     n: tl.constexpr = mask.shape[0] * TILE_B
     zero = tl.zeros((1, 1), dtype=dtype)
     c = tl.arange(0, NCOL)[None, :]
     if TRANSPOSED:  # 3-d pointers: load, then reshape
         zero = zero[None]
-        c = c[None]
-        mask = mask[:, :, None]
+        if CHANNELS_FIRST:
+            c = tl.arange(0, NCOL)[:, None, None]
+            mask = mask[None, :, :]
+        else:
+            c = c[None]
+            mask = mask[:, :, None]
     else:
         mask = tl.reshape(mask, (n,))[:, None]
     if MASK_TOKENS:
@@ -338,7 +351,12 @@ def load_payload(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.const
         x = tl.load(ptr, mask=c < NVALID, other=zero)
     else:
         x = tl.load(ptr)
-    return tl.reshape(x, (n, NCOL))
+    if not CHANNELS_FIRST:
+        return tl.reshape(x, (n, NCOL))
+    elif TRANSPOSED:
+        return tl.reshape(x, (NCOL, n))
+    else:
+        return tl.trans(tl.reshape(x, (n, NCOL)))
 
 
 @triton.jit
@@ -520,14 +538,13 @@ def project_queries(query: torch.Tensor, tr, num_kv_heads: int) -> torch.Tensor:
     """``P_k^T S q`` [T, Hq, r_k] (float32) with one batched matmul over KV heads (``S``: the key
     smoothing, when K has one); the query itself when K has neither basis nor smoothing (the K offset
     shifts every score of a query equally: softmax drops it)."""
-    smooth = tr.smooth
-    if tr.basis is None and smooth is None:
+    if tr.query_is_identity:
         return query
     t, hq, d = query.shape
     g = hq // num_kv_heads
     q = query.reshape(t, num_kv_heads, g, d).float()
-    if smooth is not None:
-        q = q * smooth.float()[None, :, None, :]
+    if tr.smooth is not None:
+        q = q * tr.smooth[None, :, None, :]
     if tr.basis is None:
         return q.reshape(t, hq, d)
     return torch.einsum("thgd,hdr->thgr", q, tr.basis.float()).reshape(t, hq, -1)

@@ -23,7 +23,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, INT8, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
+from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
                      layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot, project_queries,
                      store_output, tile_pages, tile_scales, to_dot, transform_args)
 
@@ -33,32 +33,6 @@ from .common import (FP8, INT4, INT8, LOG2E, MODEL, attend_tile, check_cache, do
 # tensor cores' 16 rows and the query group is the N dimension, which may be 8 wide, so a group of 4
 # wastes half of the softmax work instead of three quarters (rows padded to 16). Transposed V payloads
 # are then the ``V^T`` operand as stored (contiguous along tokens).
-
-
-@triton.jit
-def _values_t(cache_ptr, page, w0, mask, STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr,
-              NVALID: tl.constexpr, NCOL: tl.constexpr, TRANSPOSED: tl.constexpr, TILE_B: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr):
-    """``V^T`` payloads [NCOL, BLOCK_N] of a tile in their stored dtype (int4: bytes of two channels)."""
-    if TRANSPOSED:
-        if STORAGE == INT8:
-            dtype: tl.constexpr = tl.int8
-        elif STORAGE == FP8:
-            dtype: tl.constexpr = tl.float8e4nv
-        else:
-            dtype: tl.constexpr = tl.uint8
-        c = tl.arange(0, NCOL)[:, None, None]
-        t = w0 + tl.arange(0, TILE_B)[None, None, :]
-        ptr = (cache_ptr + page[None, :, None] + BLOCK_SIZE * OFF + t + c * BLOCK_SIZE).to(tl.pointer_type(dtype))
-        if NVALID < NCOL:
-            x = tl.load(ptr, mask=c < NVALID, other=tl.zeros((1, 1, 1), dtype=dtype))
-        else:
-            x = tl.load(ptr)
-        vt = tl.reshape(x, (NCOL, mask.shape[0] * TILE_B))
-    else:
-        vt = tl.trans(load_payload(cache_ptr, page, w0, mask, STORAGE, OFF, NBYTES, NVALID, NCOL, TILE_B,
-                                   BLOCK_SIZE, MODEL_DTYPE, False, STORAGE == MODEL))
-    return vt
 
 
 @triton.jit
@@ -97,8 +71,8 @@ def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, st
     l_i = l_i * alpha + tl.sum(p, axis=0)
     acc_a = acc_a * alpha[None, :]
     if V_STORAGE == MODEL:
-        vt = _values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, V_T, TILE_B, BLOCK_SIZE,
-                       MODEL_DTYPE)
+        vt = load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, TILE_B, BLOCK_SIZE,
+                          MODEL_DTYPE, V_T, True, True)
         acc_a = dot(vt.to(PV_DTYPE), p.to(PV_DTYPE), acc_a, IS_F32_PV, UPCAST)
         return m_new, l_i, acc_a, acc_b, acc_z
     v_scale = tile_scales(cache_ptr, page, w0, mask, V_SCALE_OFF, TILE_B, BLOCK_SIZE)
@@ -112,8 +86,8 @@ def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, st
     if V_STORAGE == INT4:
         acc_b = acc_b * alpha[None, :]
         acc_z = acc_z * alpha
-        bt = _values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, (RV + 1) // 2, RV_TILE, V_T, TILE_B,
-                       BLOCK_SIZE, MODEL_DTYPE)
+        bt = load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, (RV + 1) // 2, RV_TILE, TILE_B,
+                          BLOCK_SIZE, MODEL_DTYPE, V_T, False, True)
         acc_a += s_max * dot(nibbles_to_dot(bt, False, PV_DTYPE, UPCAST), pv, zero_o, IS_F32_PV, UPCAST)
         acc_b += s_max * dot(nibbles_to_dot(bt, True, PV_DTYPE, UPCAST), pv, zero_o, IS_F32_PV, UPCAST)
         v_zero = tile_scales(cache_ptr, page, w0, mask, V_ZERO_OFF, TILE_B, BLOCK_SIZE)
@@ -121,8 +95,8 @@ def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, st
         acc_z += tl.sum(tl.where(v_scale[:, None] > 0, s_max * pv.to(tl.float32) * z_over_s[:, None],
                                  p * v_zero[:, None]), axis=0)
     else:
-        vt = to_dot(_values_t(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, V_T, TILE_B,
-                              BLOCK_SIZE, MODEL_DTYPE), PV_DTYPE, UPCAST)
+        vt = to_dot(load_payload(cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES, RV, RV_TILE, TILE_B,
+                                 BLOCK_SIZE, MODEL_DTYPE, V_T, False, True), PV_DTYPE, UPCAST)
         if V_STORAGE == FP8:  # a stale byte past the end may be NaN
             vt = tl.where(tl.reshape(mask, (BLOCK_N,))[None, :], vt, 0.0)
         acc_a += s_max * dot(vt, pv, zero_o, IS_F32_PV, UPCAST)
@@ -257,13 +231,17 @@ def _decode_merge_kernel(
                  HAS_OFFSET)
 
 
+# tokens per tile: the H200 tile sweep's choice, with 4 warps (benchmarks/h200-2026-11-29c/bench_kernels.log)
+DEFAULT_BLOCK_N = 128
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None,
-                       max_seq_len: int | None = None, block_n: int = 64) -> int:
+                       max_seq_len: int | None = None, block_n: int = DEFAULT_BLOCK_N) -> int:
     """A fixed split count that fills the GPU: about 4 programs per SM, a power of two in [1, 64].
 
     Depends only on the batch shape (and, if given, an upper bound of the context), never on the
@@ -286,7 +264,8 @@ def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits:
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
-                     block_n: int = 128, num_warps: int = 4, num_stages: int = 2, token_rows: bool = False) -> None:
+                     block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
+                     token_rows: bool = False) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
@@ -319,7 +298,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     if q.stride(-1) != 1:
         q = q.contiguous()
     c = layout_constexprs(layout)
-    # block_n=128, 4 warps: the H200 tile sweep's choice (benchmarks/h200-2026-11-29c/bench_kernels.log)
     g_tile = max(8 if token_rows else 16, next_pow2(group))
     _decode_split_kernel[(batch, h, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),

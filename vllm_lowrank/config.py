@@ -74,7 +74,7 @@ class LowRankConfig:
 
     def smooth_layer(self, layer: int) -> bool:
         """Whether layer ``layer``'s keys are smoothed with the basis file's scales."""
-        return smooth_keys_for(self.layer_format(layer).k, self.smooth_keys, self.basis)
+        return smooth_keys_for(self.layer_format(layer).k, self.smooth_keys)
 
     def describe(self, num_layers: int) -> str:
         fmts = [str(self.layer_format(i)) + (" (K smoothed)" if self.smooth_layer(i) else "")
@@ -84,7 +84,7 @@ class LowRankConfig:
         return "; ".join(f"layer {i}: {f}" for i, f in enumerate(fmts))
 
 
-def smooth_keys_for(k_format: TensorFormat, setting: bool | None, basis: BasisFile | None) -> bool:
+def smooth_keys_for(k_format: TensorFormat, setting: bool | None) -> bool:
     """The ``smooth_keys`` rule for one layer's K format (``setting``: the setting; None when absent: off)."""
     return bool(setting) and smoothing_applies(k_format)
 

@@ -72,7 +72,7 @@ def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | N
     if tf.transform == "basis" and (b is None or b.shape[-1] < tf.rank):
         raise ValueError(f"layer {layer} {t.upper()} format {tf} needs {tf.rank} basis columns")
     smooth = None
-    if t == "k" and smooth_keys_for(tf, smooth_keys, basis):
+    if t == "k" and smooth_keys_for(tf, smooth_keys):
         if basis is None or not basis.has_smoothing():
             raise ValueError("smooth_keys=true needs a basis file with key smoothing scales")
         smooth = basis.key_scales(use_offsets)[layer]
