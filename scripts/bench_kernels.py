@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="eager do_bench warm-up time (ms)")
     p.add_argument("--eager", action="store_true", help="time without CUDA graphs (includes launch overhead)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM's kernels")
+    p.add_argument("--vllm-variants", default=",".join(VLLM_VARIANTS),
+                   help="comma list of vLLM's kernels to run (default: all)")
     p.add_argument("--no-tune", action="store_true", help="skip the tile sweep; use the kernel defaults")
     p.add_argument("--token-rows", action="store_true",
                    help="also time each of our formats with decode_attention(token_rows=True), as '<format> [tr]'")
@@ -332,8 +334,10 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
         if args.token_rows:  # the experimental decode orientation, side by side
             for name in list(fmts):
                 fmts[f"{name} [tr]"] = fmts[name]
+                extra_cfg[name] = {"token_rows": False}
                 extra_cfg[f"{name} [tr]"] = {"token_rows": True}
-        variants = ([] if args.no_vllm else list(VLLM_VARIANTS)) + list(fmts)
+        theirs = [v for v in VLLM_VARIANTS if v in args.vllm_variants.split(",")]
+        variants = ([] if args.no_vllm else theirs) + list(fmts)
         for ctx in contexts:
             for batch in batches:
                 pb = Problem(model, hq, h, d, batch, ctx)
@@ -441,6 +445,13 @@ def short_table(results: dict, copy_bw: float) -> str:
             lines.append(f"  {model[-9:]:9s} {b:>3d} x {ctx // 1024:>2d}k {name:18s} {r['pct_copy']:4.0f}%  "
                          f"vs bf16 {sp}  vs int8_pth {q8 / r['ms'] if q8 else float('nan'):.2f}x  "
                          f"vs int4_pth {q4 / r['ms'] if q4 else float('nan'):.2f}x")
+    pairs = [(n, f"{n} [tr]") for n in SHORT_COLUMNS if any(f"{n} [tr]" in vs for vs in rows.values())]
+    if pairs:
+        lines.append("token rows: time of '<format> [tr]' / time of '<format>' (< 1: token rows faster)")
+        for (model, b, ctx), vs in rows.items():
+            ratios = [f"{a} {vs[t]['ms'] / vs[a]['ms']:.2f}" for a, t in pairs
+                      if "ms" in vs.get(a, {}) and "ms" in vs.get(t, {})]
+            lines.append(f"  {model[-9:]:9s} {b:>3d} x {ctx // 1024:>2d}k  " + ", ".join(ratios))
     for r in results["store"]:
         if "pct_of_decode_b64_8k" in r:
             lines.append(f"  store {r['variant']:18s} 64 tokens: {r['ms'] * 1e3:.1f} us = "

@@ -375,6 +375,36 @@ def test_prefill_large_gpu(spec, device, seed):
                        seq_q=((3000, 512), (700, 700), (1, 1), (2049, 100), (513, 17)))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", ["int8", "lowrank+int8"])
+def test_compile_prefill_gpu(spec, seed):
+    """compile_prefill compiles exactly the variant that later launches over real metadata use: after
+    it, ragged launches (various request ranges and chunk lengths) compile nothing more."""
+    from vllm_lowrank.kernels.prefill import _prefill_kernel
+
+    h, group, d, bs, dtype = 8, 4, 128, 16, torch.bfloat16
+    seq_q = ((300, 64), (90, 90), (1, 1), (517, 17))
+    seq_lens = [s for s, _ in seq_q]
+    layout, tr = _setup(spec, h, d, dtype, "cuda", rk=64, rv=64)
+    cache, bt = _paged_requests(seq_lens, h, d, bs, layout, tr, dtype, "cuda")
+    wide = torch.zeros(bt.shape[0], 37, dtype=torch.int32, device="cuda")  # a width not a multiple of 16
+    wide[:, :bt.shape[1]] = bt
+    qsl = torch.tensor([0, 64, 154, 155, 172], dtype=torch.int32, device="cuda")
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(172, h * group, d, device="cuda").to(dtype)
+    out = torch.full_like(q, float("nan"))
+    dev = torch.cuda.current_device()
+    _prefill_kernel.device_caches.clear()
+    K.compile_prefill(cache, wide.stride(0), h * group, dtype, layout, tr, d ** -0.5)
+    compiled = set(_prefill_kernel.device_caches[dev][0])
+    assert len(compiled) == 1
+    for requests, max_q in (((0, 4), 90), ((1, 4), 90), ((3, 4), 17), ((1, 2), 90)):
+        K.paged_attention(q, cache, wide, lens, qsl, max_q, layout, tr, d ** -0.5, out, requests=requests)
+    assert set(_prefill_kernel.device_caches[dev][0]) == compiled, f"seed={seed}: launches compiled new variants"
+    assert not out.isnan().any()
+
+
 # --------------------------------------------------------------------------------------------- real K/V
 
 

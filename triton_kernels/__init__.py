@@ -2,13 +2,14 @@
 
 - :func:`store`: project, quantize and scatter new K/V into their slots (one launch per layer);
 - :func:`decode_attention`: split-KV (flash-decoding) paged attention, one query token per request;
-- :func:`paged_attention`: causal attention of query chunks over their compressed context (prefill).
+- :func:`paged_attention`: causal attention of query chunks over their compressed context (prefill);
+  :func:`compile_prefill` compiles it at start-up.
 
 Same contracts as the PyTorch oracle in :mod:`vllm_lowrank.reference`.
 """
 
 from .decode import decode_attention, default_num_splits, workspace_numel
-from .prefill import paged_attention
+from .prefill import compile_prefill, paged_attention
 from .store import store
 
-__all__ = ["decode_attention", "default_num_splits", "paged_attention", "store", "workspace_numel"]
+__all__ = ["compile_prefill", "decode_attention", "default_num_splits", "paged_attention", "store", "workspace_numel"]

@@ -15,6 +15,7 @@ buffer of :func:`workspace_numel` elements, preallocatable.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -256,6 +257,18 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device | str
     return max(1, min(64, splits))
 
 
+TOKEN_ROWS_ENV = "VLLM_LOWRANK_TOKEN_ROWS"
+
+
+def default_token_rows(layout: SlotLayout) -> bool:
+    """The decode orientation used when the caller does not choose: ``$VLLM_LOWRANK_TOKEN_ROWS`` = ``1``
+    (token rows), ``0`` (query-group rows) or ``auto`` (the default: query-group rows)."""
+    choice = os.environ.get(TOKEN_ROWS_ENV, "auto")
+    if choice not in ("0", "1", "auto"):
+        raise ValueError(f"{TOKEN_ROWS_ENV}={choice!r}; accepted: 0, 1, auto")
+    return choice == "1"
+
+
 def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits: int) -> int:
     """float32 elements of decode scratch: partial outputs [B, Hq, S, r_v] and their lse [B, Hq, S]."""
     return batch * num_q_heads * num_splits * (latent_dim_v + 1)
@@ -265,14 +278,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
                      block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                     token_rows: bool = False) -> None:
+                     token_rows: bool | None = None) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
     block_table: int32 [B, max_blocks]; seq_lens: int32 [B] on the device (request b attends to its first
     seq_lens[b] tokens). ``workspace``: float32 with at least :func:`workspace_numel` elements (allocated
-    if None). ``token_rows``: the experimental orientation with cached tokens as the dots' rows (the
-    query group padded to 8 instead of 16; correct, compiled for sm_90, not yet timed on a GPU). Same
+    if None). ``token_rows``: the orientation with cached tokens as the dots' rows (the
+    query group padded to 8 instead of 16); None: :func:`default_token_rows`. Same
     result as :func:`vllm_lowrank.reference.decode_attention`.
     """
     batch, hq, d = query.shape
@@ -283,6 +296,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     assert block_table.stride(-1) == 1
     group = hq // h
     rv = layout.v.latent_dim
+    if token_rows is None:
+        token_rows = default_token_rows(layout)
     assert max(block_size, block_n) % min(block_size, block_n) == 0, "tiles are whole blocks or parts of one"
     assert not token_rows or block_n >= 16, "token rows need BLOCK_N >= 16 (the dots' M dimension)"
     if num_splits is None:

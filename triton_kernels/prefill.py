@@ -142,3 +142,21 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         D_TILE=max(16, next_pow2(d)), **layout_constexprs(layout), **dot_dtypes(layout),
         UPCAST=interpreted(_prefill_kernel), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
         num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_prefill(kv_cache: torch.Tensor, block_table_stride: int, num_q_heads: int, dtype: torch.dtype,
+                    layout: SlotLayout, transforms: LayerTransforms, scale: float) -> None:
+    """Compile (by one tiny launch) the :func:`paged_attention` variant that a layer's real launches use.
+
+    One query token over block 0 of ``kv_cache`` (read only) into scratch. Triton specialises on
+    pointer alignment and on integer arguments (strides): the scratch tensors have the real ones'
+    strides (queries and outputs [T, Hq, D], a block table ``block_table_stride`` wide), so later
+    launches over the real metadata find this variant compiled.
+    """
+    dev = kv_cache.device
+    block_table = torch.zeros(1, block_table_stride, dtype=torch.int32, device=dev)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
+    query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    q = torch.zeros(1, num_q_heads, layout.head_dim, dtype=dtype, device=dev)
+    paged_attention(q, kv_cache, block_table, seq_lens, query_start_loc, 1, layout, transforms, scale,
+                    torch.empty_like(q))

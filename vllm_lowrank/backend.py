@@ -157,6 +157,7 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         logger.info_once("lowrank KV cache formats: %s", self.config.describe(
             self.vllm_config.model_config.get_total_num_hidden_layers()))
         self.state: LayerState | None = None
+        self._prefill_compiled = False
 
     def _state(self, layer: AttentionLayer, device: torch.device) -> LayerState:
         if self.state is None:
@@ -190,6 +191,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         st = self._state(layer, q.device)
 
+        if not self._prefill_compiled and q.device.type == "cuda":
+            self._compile_prefill(q, kv_cache, md, st)
         nd, ndt = md.num_decodes, md.num_decode_tokens
         if nd:
             _ops(q.device).decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd],
@@ -204,6 +207,19 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             observe(layer_index(layer.layer_name), q, key[:n].view(n, self.num_kv_heads, self.head_size),
                     value[:n].view(n, self.num_kv_heads, self.head_size), md.positions[:n])
         return output
+
+    def _compile_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, md: LowRankMetadata,
+                         st: LayerState) -> None:
+        """Compile this layer's prefill kernel now (start-up: the first forward with metadata, e.g. a
+        CUDA-graph warm-up run) rather than at the first continuation chunk while serving, where
+        Triton's compilation (about a second) stalls the whole batch."""
+        if torch.cuda.is_current_stream_capturing() or _ops(q.device) is reference:
+            return
+        from . import kernels
+
+        kernels.compile_prefill(kv_cache, md.block_table.stride(0), self.num_heads, q.dtype, st.layout,
+                                st.transforms, self.scale)
+        self._prefill_compiled = True
 
     def _prefill(self, md: LowRankMetadata, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
