@@ -5,7 +5,8 @@ One table per command: every variant runs ``vllm bench throughput`` (random data
 model shape, fixed ``--kv-cache-memory-bytes``) one after another in this process's machine, so all
 ratios come from one run. Printed last: KV cache size in tokens, maximum concurrency, requests/s,
 output tokens/s, and ratios to ``auto`` and to ``fp8``. Runs on a GPU (each variant starts an engine:
-about two minutes with compilation and CUDA graphs).
+about two minutes with compilation and CUDA graphs, so at most four variants fit a 600 s device call;
+the table is printed after every variant, so a command cut short still shows what it measured).
 
 Shapes: ``1b`` (hidden 2048, 16 layers, 32/8 heads, head_dim 64, vocab 128256; the reference table of
 shared/gpu/README.md), ``8b`` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, head_dim 128).
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,8 +68,13 @@ def make_basis(model: Path, shape: str, out: Path) -> Path:
     return out
 
 
-def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args, logdir: Path) -> dict:
-    js = logdir / f"{name.replace(':', '_')}.json"
+def _append_log(path: Path, cmd: list[str], log: str) -> None:
+    with path.open("a") as f:
+        f.write(f"\n{'=' * 100}\n{' '.join(cmd)}\n\n{log}")
+
+
+def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args, work: Path, log_path: Path) -> dict:
+    js = work / f"{name.replace(':', '_')}.json"
     cmd = [*vllm, "bench", "throughput", "--model", str(model), "--load-format", "dummy",
            "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
@@ -75,10 +82,12 @@ def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args,
            "--output-json", str(js), *extra]
     t0 = time.perf_counter()
     # run outside the source checkout, so that the installed plugin (not the source folder) is imported
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=logdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     log = proc.stdout + proc.stderr
-    (logdir / f"{name.replace(':', '_')}.log").write_text(" ".join(cmd) + "\n\n" + log)
+    _append_log(log_path, cmd, log)
     row = {"variant": name, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
+    if js.exists():
+        row["vllm_json"] = json.loads(js.read_text())
     m = re.search(r"KV cache size: ([\d,]+) tokens", log)
     row["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
     m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
@@ -92,23 +101,25 @@ def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args,
     return row
 
 
-def run_latency(vllm: list[str], model: Path, name: str, extra: list[str], batch: int, args, logdir: Path) -> dict:
+def run_latency(vllm: list[str], model: Path, name: str, extra: list[str], batch: int, args, work: Path,
+                log_path: Path) -> dict:
     """``vllm bench latency`` of one variant at one batch size (ample memory: vLLM's default KV size)."""
     tag = f"latency-{name.replace(':', '_')}-b{batch}"
-    js = logdir / f"{tag}.json"
+    js = work / f"{tag}.json"
     cmd = [*vllm, "bench", "latency", "--model", str(model), "--load-format", "dummy",
            "--batch-size", str(batch), "--input-len", str(args.input_len), "--output-len", str(args.latency_output_len),
            "--num-iters-warmup", "2", "--num-iters", str(args.latency_iters), "--max-model-len",
            str(args.max_model_len), "--output-json", str(js), *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=logdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     log = proc.stdout + proc.stderr
-    (logdir / f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + log)
+    _append_log(log_path, cmd, log)
     row = {"variant": name, "batch": batch, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
     if js.exists():
         data = json.loads(js.read_text())
         row["avg_latency_s"] = data.get("avg_latency")
         row["p50_latency_s"] = (data.get("percentiles") or {}).get("50")
+        row["latencies_s"] = data.get("latencies")
     if proc.returncode:
         row["error"] = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
     return row
@@ -157,7 +168,11 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--out", type=Path, default=Path("bench_out"),
+                    help="results: <table>-<shape>.json (rows with vLLM's own JSON) and <table>-<shape>.log "
+                         "(every engine's output), two files per command")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_serving",
+                    help="scratch: the dummy model folder, the basis, vLLM's raw outputs")
     ap.add_argument("--latency", default=None, metavar="BATCHES",
                     help="instead of throughput: `vllm bench latency` at these comma-separated batch sizes "
                          "(vLLM's default KV cache size, i.e. ample memory), e.g. 1,32")
@@ -169,10 +184,11 @@ def main() -> None:
 
     # vLLM's CLI module directly: it guards main(), so engine processes started with spawn do not re-run it
     vllm = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    args.out = args.out.resolve()
+    args.out, work = args.out.resolve(), args.work.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.shape, args.tokenizer, args.out / f"model-{args.shape}")
-    basis = make_basis(model, args.shape, args.out / f"basis-{args.shape}.safetensors")
+    work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
+    basis = make_basis(model, args.shape, work / f"basis-{args.shape}.safetensors")
     ours = plugin_variants(SHAPES[args.shape]["head_dim"])
     variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
     for name, settings in ours.items():
@@ -186,20 +202,24 @@ def main() -> None:
     rows = []
     if args.latency:
         runs = [(name, int(b)) for name in chosen for b in args.latency.split(",")]
+        log_path = args.out / f"latency-{args.shape}.log"
+        log_path.write_text("")
         for name, batch in tqdm(runs, desc=f"vllm bench latency ({args.shape})"):
-            extra = [a for a in variants[name]]
-            rows.append(run_latency(vllm, model, name, extra, batch, args, args.out))
+            rows.append(run_latency(vllm, model, name, variants[name], batch, args, work, log_path))
             (args.out / f"latency-{args.shape}.json").write_text(json.dumps(rows, indent=1))
-        print(f"\nshape {args.shape}, vllm bench latency, {args.input_len} in / {args.latency_output_len} out, "
-              f"median of {args.latency_iters} iterations")
-        print_latency_table(rows)
+            # printed after every run: a command cut short by a time limit still shows what it measured
+            print(f"\nshape {args.shape}, vllm bench latency, {args.input_len} in / {args.latency_output_len} out, "
+                  f"median of {args.latency_iters} iterations", flush=True)
+            print_latency_table(rows)
         return
+    log_path = args.out / f"throughput-{args.shape}.log"
+    log_path.write_text("")
     for name in tqdm(chosen, desc=f"vllm bench throughput ({args.shape})"):
-        rows.append(run_variant(vllm, model, name, variants[name], args, args.out))
+        rows.append(run_variant(vllm, model, name, variants[name], args, work, log_path))
         (args.out / f"throughput-{args.shape}.json").write_text(json.dumps(rows, indent=1))
-    print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
-          f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}")
-    print_table(rows)
+        print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
+              f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}", flush=True)
+        print_table(rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,8 +87,9 @@ def main() -> None:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.shape, args.tokenizer, out / f"model-{args.shape}")
-    basis = make_basis(model, args.shape, out / f"basis-{args.shape}.safetensors")
+    work = Path(tempfile.gettempdir()) / "profile_serving"  # scratch, outside --out (results only there)
+    model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
+    basis = make_basis(model, args.shape, work / f"basis-{args.shape}.safetensors")
     ours = plugin_variants(SHAPES[args.shape]["head_dim"])
     results = {}
     for name in tqdm(args.variants.split(","), desc="profile"):

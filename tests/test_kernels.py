@@ -261,9 +261,29 @@ def test_decode_shapes(case, device, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", DECODE_SPECS)
 def test_decode_token_rows(spec, dtype, device, seed):
-    """The experimental orientation (cached tokens as the dots' rows, the group padded to 8)."""
+    """The token-rows orientation (cached tokens as the dots' rows, the group padded to 8)."""
     _check_decode(spec, dtype, device, seed, token_rows=True)
     _check_decode(spec, dtype, device, seed, group=4, block_size=32, block_n=32, token_rows=True)
+
+
+def test_default_token_rows(monkeypatch):
+    """Token rows by default only where K and V are both 4-bit; the environment overrides; bad values
+    are refused."""
+    from vllm_lowrank.kernels.decode import TOKEN_ROWS_ENV, default_token_rows
+
+    def layout(spec):
+        return SlotLayout.build(_fmt(spec), 64, torch.bfloat16)
+
+    monkeypatch.delenv(TOKEN_ROWS_ENV, raising=False)
+    assert default_token_rows(layout("int4")) and default_token_rows(layout("int4/hadamard+int4"))
+    assert not any(default_token_rows(layout(s)) for s in ("full", "int8", "fp8", "lowrank+int8", "int4/int8"))
+    monkeypatch.setenv(TOKEN_ROWS_ENV, "1")
+    assert default_token_rows(layout("int8"))
+    monkeypatch.setenv(TOKEN_ROWS_ENV, "0")
+    assert not default_token_rows(layout("int4"))
+    monkeypatch.setenv(TOKEN_ROWS_ENV, "yes")
+    with pytest.raises(ValueError, match=TOKEN_ROWS_ENV):
+        default_token_rows(layout("int4"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

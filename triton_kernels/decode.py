@@ -262,10 +262,14 @@ TOKEN_ROWS_ENV = "VLLM_LOWRANK_TOKEN_ROWS"
 
 def default_token_rows(layout: SlotLayout) -> bool:
     """The decode orientation used when the caller does not choose: ``$VLLM_LOWRANK_TOKEN_ROWS`` = ``1``
-    (token rows), ``0`` (query-group rows) or ``auto`` (the default: query-group rows)."""
+    (token rows), ``0`` (query-group rows) or ``auto`` (the default): token rows where both K and V
+    are 4-bit, the one case they were faster on the H200 (0.87-0.93x the time; int8, fp8, low rank and
+    the model dtype 1.05-1.40x, BENCHMARKS.md)."""
     choice = os.environ.get(TOKEN_ROWS_ENV, "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"{TOKEN_ROWS_ENV}={choice!r}; accepted: 0, 1, auto")
+    if choice == "auto":
+        return layout.k.fmt.storage == "int4" and layout.v.fmt.storage == "int4"
     return choice == "1"
 
 

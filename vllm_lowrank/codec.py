@@ -23,6 +23,13 @@ INT4_MAX = 15.0
 _TINY = 1e-8  # scale used for an all-zero vector, so that 0 / scale stays 0
 
 
+def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device: on CUDA, torch divides by a Python scalar as
+    a product with its reciprocal, one rounding more, which moved a stored scale by an ulp against the
+    store kernel's IEEE division (a GPU-only, seed-dependent byte mismatch)."""
+    return x / torch.full_like(x, divisor)
+
+
 def _rounded_scale(scale: torch.Tensor) -> torch.Tensor:
     """The scale as stored (fp16), back in float32, never zero."""
     s = scale.clamp_min(_TINY).to(SCALE_DTYPE).float()
@@ -37,7 +44,7 @@ def encode_tensor(lat: torch.Tensor, ts: TensorSlot, out: torch.Tensor) -> None:
         raise AssertionError("model-dtype payloads are written by encode_layer")
     if st in ("int8", "fp8"):
         qmax = INT8_MAX if st == "int8" else FP8_MAX
-        scale = _rounded_scale(lat.abs().amax(dim=-1) / qmax)
+        scale = _rounded_scale(_div(lat.abs().amax(dim=-1), qmax))
         y = lat / scale[..., None]
         if st == "int8":
             q = y.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8).view(torch.uint8)
@@ -48,7 +55,7 @@ def encode_tensor(lat: torch.Tensor, ts: TensorSlot, out: torch.Tensor) -> None:
         return
     if st == "int4":
         lo, hi = lat.amin(dim=-1), lat.amax(dim=-1)
-        scale = _rounded_scale((hi - lo) / INT4_MAX)
+        scale = _rounded_scale(_div(hi - lo, INT4_MAX))
         zero = lo.to(SCALE_DTYPE).float()
         q = ((lat - zero[..., None]) / scale[..., None]).round().clamp(0, INT4_MAX).to(torch.uint8)
         if q.shape[-1] % 2:
