@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
-}
+from vllm_lowrank.shapes import SHAPES, make_basis, make_model
+
 VLLM_VARIANTS = ["auto", "fp8", "int8_per_token_head", "int4_per_token_head"]
 
 
@@ -44,28 +39,6 @@ def plugin_variants(head_dim: int) -> dict[str, dict]:
         "lr:lowrank+int8-4x": {"format": "lowrank+int8", "rank_k": d // 2 - 2, "rank_v": d // 2 - 2},
         "lr:lowrank+int8-8x": {"format": "lowrank+int8", "rank_k": d // 4 - 2, "rank_v": d // 4 - 2},
     }
-
-
-def make_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
-    """A model folder with the shape's config.json (dummy weights) and a borrowed tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-           "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(f, out / f.name)
-    return out
-
-
-def make_basis(model: Path, shape: str, out: Path) -> Path:
-    from vllm_lowrank.basis import orthonormal_basis_file
-
-    s = SHAPES[shape]
-    orthonormal_basis_file(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"],
-                           model=f"random orthonormal for the {shape} shape").save(out)
-    return out
 
 
 def _append_log(path: Path, cmd: list[str], log: str) -> None:
@@ -188,7 +161,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
-    basis = make_basis(model, args.shape, work / f"basis-{args.shape}.safetensors")
+    basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
     ours = plugin_variants(SHAPES[args.shape]["head_dim"])
     variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
     for name, settings in ours.items():

@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import SHAPES, make_basis, make_model, plugin_variants  # noqa: E402
+from bench_serving import plugin_variants  # noqa: E402
+
+from vllm_lowrank.shapes import SHAPES, make_basis, make_model  # noqa: E402
 
 FAMILIES = (("ours", ("_decode_", "_prefill_kernel", "_store_kernel")), ("flash", ("flash", "fmha", "FlashAttn")),
             ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma")), ("vllm-triton", ("kernel_unified_attention",)))
@@ -89,7 +91,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.gettempdir()) / "profile_serving"  # scratch, outside --out (results only there)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
-    basis = make_basis(model, args.shape, work / f"basis-{args.shape}.safetensors")
+    basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
     ours = plugin_variants(SHAPES[args.shape]["head_dim"])
     results = {}
     for name in tqdm(args.variants.split(","), desc="profile"):
