@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -248,3 +249,20 @@ def test_full_format_reproduces_uncompressed_perplexity(smollm2):
     assert abs(full.ppl / base.ppl - 1) < 2e-4, (full.ppl, base.ppl)
     assert agreement(full, base) > 0.99
     assert full.ratio_vs_bf16 == 1.0 and base.ratio_vs_bf16 == 1.0
+
+
+def test_evaluate_token_windows_round_trip(smollm2, tmp_path):
+    """--save-token-windows writes the evaluation windows (for a machine without gensim); --token-windows
+    refuses a file with fewer or shorter windows than asked for (before any engine starts)."""
+    from transformers import AutoTokenizer
+
+    from vllm_lowrank.evaluate import main
+    from vllm_lowrank.textdata import eval_windows
+
+    path = tmp_path / "windows.json"
+    assert main(["--model", str(smollm2), "--windows", "3", "--window", "256", "--save-token-windows", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["windows"] == eval_windows(AutoTokenizer.from_pretrained(str(smollm2)), 3, 256)
+    for bad in (["--windows", "4", "--window", "256"], ["--windows", "3", "--window", "512"]):
+        with pytest.raises(SystemExit):
+            main(["--model", str(smollm2), "--token-windows", str(path), *bad])

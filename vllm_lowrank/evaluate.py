@@ -24,6 +24,12 @@ DEFAULT_PLANS = REPO / "bases" / "smollm2-135m.plans.json"
 DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:3x", "plan:4x"]
 
 
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
                    help="KV cache memory for every format (capacity ratios are measured at this size)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--save-token-windows", default=None,
+                   help="write the evaluation windows (token ids, JSON) here and stop: for --token-windows")
+    p.add_argument("--token-windows", default=None,
+                   help="evaluate on the windows of this file (from --save-token-windows; its first --windows) "
+                        "instead of tokenizing --text: for a machine without gensim, e.g. the GPU machine")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -61,8 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         model = qwen25_coder("bfloat16")
     else:
         model = Path(args.model)
-    tok = AutoTokenizer.from_pretrained(str(model))
-    windows = eval_windows(tok, args.windows, args.window, text=args.text)
+    if args.token_windows:
+        saved = json.loads(Path(args.token_windows).read_text())
+        windows = saved["windows"][:args.windows]
+        if len(windows) < args.windows or any(len(w) != args.window for w in windows):
+            p.error(f"{args.token_windows} has {len(saved['windows'])} windows of {len(saved['windows'][0])} "
+                    f"tokens; asked for {args.windows} of {args.window}")
+    else:
+        tok = AutoTokenizer.from_pretrained(str(model))
+        windows = eval_windows(tok, args.windows, args.window, text=args.text)
+    if args.save_token_windows:
+        Path(args.save_token_windows).write_text(json.dumps({"model": model.name, "text": args.text,
+                                                             "windows": windows}))
+        print(f"{len(windows)} windows of {args.window} tokens written to {args.save_token_windows}")
+        return 0
     basis = args.basis if Path(args.basis).is_file() else None
     plans = args.plans if Path(args.plans).is_file() else None
     specs = [resolve(f, basis, plans) for f in args.formats]
@@ -77,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"{r.name}: perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.seconds:.0f} s)")
     base = results[0]
     header = (f"{model.name}, {args.text} text, {len(windows)} windows x {args.window} tokens ({base.tokens} predicted), dtype "
-              f"{args.dtype}, {datetime.date.today().isoformat()}, {platform.machine()} CPU, vLLM 0.26.0")
+              f"{args.dtype}, {datetime.date.today().isoformat()}, {_device()}, vLLM 0.26.0")
     print(header)
     print(table(results, base))
     if args.json:
