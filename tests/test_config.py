@@ -63,8 +63,6 @@ BAD_SETTINGS = [
     ({"format": "int8", "layers": {"30": "fp8"}}, r"layer 30 does not exist; the model has layers 0..29"),
     ({"format": "int8", "layers": {"first": "fp8"}}, r"'first' is not a layer number"),
     ({"format": "int8", "offset": True}, r"offset=true needs a basis file with calibrated offsets"),
-    ({"format": "int8", "offset": "auto"}, r"offset=\"auto\" needs a basis file with calibrated offsets"),
-    ({"format": "int8", "offset": "yes"}, r"offset='yes': expected true, false or \"auto\""),
     ({"format": "int8", "rank": 16}, r"unknown lowrank setting\(s\) \['rank'\]; accepted: format, rank_k"),
 ]
 
@@ -89,18 +87,6 @@ def test_bad_setting_is_refused(settings, message, basis_files):
 def test_good_setting_is_accepted(settings, basis_files):
     cfg = parse(_resolve(settings, basis_files), SMOL)
     assert all(cfg.layer_format(i) is not None for i in range(SMOL.num_layers))
-
-
-def test_offset_auto_is_per_tensor():
-    """offset "auto": offsets for int4 and lower-rank tensors only; true/false: for every tensor."""
-    basis = Path(__file__).resolve().parent.parent / "bases" / "smollm2-135m.safetensors"
-    layers = {"0": {"k": "r32+int4", "v": "r16"}, "1": {"k": "hadamard+int4", "v": "fp8"}, "2": "full",
-              "3": {"k": "int8", "v": "int4"}}  # (the committed basis keeps low-rank columns for layer 0 only)
-    expected = [True, True, True, False, False, False, False, True, False, False]  # layers 0-4, K then V
-    for offset in ("auto", True, False):
-        cfg = parse({"format": "int8", "offset": offset, "basis": str(basis), "layers": layers}, SMOL)
-        got = [cfg.tensor_offset(i, t) for i in range(5) for t in "kv"]
-        assert got == (expected if offset == "auto" else [offset] * 10), offset
 
 
 # --- through LLM(...), the user's entry point
@@ -171,11 +157,6 @@ def test_plan_expands_to_its_layers_and_basis():
         assert (cfg.basis is not None) >= needs_basis
     # a key given beside the plan wins over the plan's own
     assert str(parse({"plan": f"{PLANS}:2x", "layers": {"0": "fp8"}}, SMOL).layer_format(0)) == "K=fp8 V=fp8"
-    # the 2x plan runs without offsets (its settings) and then needs no basis; offsets asked for beside
-    # it bring the basis file beside the plans file
-    assert parse({"plan": f"{PLANS}:2x"}, SMOL).basis is None
-    cfg = parse({"plan": f"{PLANS}:2x", "offset": "auto"}, SMOL)
-    assert cfg.basis is not None and cfg.tensor_offset(0, "k") and not cfg.tensor_offset(1, "k")
 
 
 @pytest.mark.parametrize("ref,message", [

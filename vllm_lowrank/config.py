@@ -12,10 +12,7 @@ Keys (all optional):
 - ``plan``: ``"<plans file>:<name>"``, a per-layer plan chosen by ``scripts/choose_plan.py`` (e.g.
   ``bases/smollm2-135m.plans.json:2x``): its layers, settings and basis file, under any of the keys
   above that are also given.
-- ``offset``: subtract the basis file's calibrated offsets: ``true`` (default when the file has them),
-  ``false``, or ``"auto"``: only for tensors stored in int4 or projected to a lower rank, where they were
-  measured to help; not for full-dimension int8, fp8 or model-dtype tensors, where they cost a little
-  (EVALUATION.md).
+- ``offset``: subtract the basis file's calibrated offsets (default: true when the file has them).
 - ``smooth_keys``: query-weighted key smoothing with the basis file's scales (``k.smooth.*``, or
   ``k.smooth_raw.*`` with ``offset: false`` when the file has them): keys are divided per channel by
   ``s`` before their transform, queries multiplied by ``s`` (exact before rounding). ``true``: on for
@@ -67,20 +64,13 @@ class LowRankConfig:
     default: LayerFormat
     overrides: dict[int, LayerFormat] = field(default_factory=dict)
     basis: BasisFile | None = None
-    use_offsets: bool | str = False  # True, False or "auto" (per tensor: see tensor_offset)
+    use_offsets: bool = False
     prefill_from_cache: bool = False
     calibrate: bool = False
     smooth_keys: bool = False
 
     def layer_format(self, layer: int) -> LayerFormat:
         return self.overrides.get(layer, self.default)
-
-    def tensor_offset(self, layer: int, tensor: str) -> bool:
-        """Whether layer ``layer``'s K or V (``tensor``) subtracts its calibrated offset."""
-        if self.use_offsets != "auto":
-            return bool(self.use_offsets)
-        tf = getattr(self.layer_format(layer), tensor)
-        return offset_helps(tf)
 
     def smooth_layer(self, layer: int) -> bool:
         """Whether layer ``layer``'s keys are smoothed with the basis file's scales."""
@@ -92,11 +82,6 @@ class LowRankConfig:
         if len(set(fmts)) == 1:
             return f"all {num_layers} layers {fmts[0]}"
         return "; ".join(f"layer {i}: {f}" for i, f in enumerate(fmts))
-
-
-def offset_helps(tf: TensorFormat) -> bool:
-    """The ``offset: "auto"`` rule: offsets for int4 storage and for projections to a lower rank."""
-    return tf.storage == "int4" or (tf.transform == "basis" and tf.rank is not None)
 
 
 def smooth_keys_for(k_format: TensorFormat, setting: bool | None) -> bool:
@@ -147,7 +132,7 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     if unknown:
         raise LowRankConfigError(f"unknown lowrank setting(s) {unknown}; accepted: {', '.join(KNOWN_KEYS)}")
     if raw.get("plan") is not None:
-        raw = {**expand_plan(str(raw["plan"]), raw.get("offset")), **{k: v for k, v in raw.items() if k != "plan"}}
+        raw = {**expand_plan(str(raw["plan"])), **{k: v for k, v in raw.items() if k != "plan"}}
     d = shape.head_dim
     basis = None
     if raw.get("basis") is not None:
@@ -199,12 +184,10 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
             raise LowRankConfigError(f"layers[{i}]: {e}") from e
 
     use_offsets = raw.get("offset")
-    if use_offsets is not None and use_offsets not in (True, False, "auto"):
-        raise LowRankConfigError(f"offset={use_offsets!r}: expected true, false or \"auto\"")
     if use_offsets is None:
         use_offsets = basis is not None and basis.has_offsets()
     elif use_offsets and (basis is None or not basis.has_offsets()):
-        raise LowRankConfigError(f"offset={json.dumps(use_offsets)} needs a basis file with calibrated offsets; "
+        raise LowRankConfigError("offset=true needs a basis file with calibrated offsets; "
                                  "set 'basis' to one made by scripts/calibrate.py, or drop 'offset'")
     smooth = raw.get("smooth_keys")
     if smooth is not None and not isinstance(smooth, bool):
@@ -214,8 +197,7 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
         raise LowRankConfigError(f"smooth_keys=true needs a basis file with key smoothing scales (k.smooth.*), but "
                                  f"{where}; make one with scripts/calibrate.py (it writes them unless --no-smooth), "
                                  f"or drop 'smooth_keys'")
-    cfg = LowRankConfig(raw, default, overrides, basis, use_offsets if use_offsets == "auto" else bool(use_offsets),
-                        bool(raw.get("prefill_from_cache")),
+    cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")),
                         bool(raw.get("calibrate")), bool(smooth))
 
     for i in range(shape.num_layers):
@@ -240,12 +222,11 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     return cfg
 
 
-def expand_plan(ref: str, offset: bool | str | None = None) -> dict[str, Any]:
+def expand_plan(ref: str) -> dict[str, Any]:
     """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
 
     A plan's own ``basis`` (a path relative to the plans file's folder or its parent) wins; otherwise a
-    plan whose formats or offsets need one gets ``<name>.safetensors`` beside ``<name>.plans.json``
-    (``offset``: the user's ``offset`` setting, which overrides the plan's).
+    plan whose formats need one gets ``<name>.safetensors`` beside ``<name>.plans.json``.
     """
     path_text, sep, name = ref.rpartition(":")
     path = Path(path_text)
@@ -271,8 +252,7 @@ def expand_plan(ref: str, offset: bool | str | None = None) -> dict[str, Any]:
     else:
         beside = path.with_name(path.name.replace(".plans.json", ".safetensors"))
         formats = [str(f) for kv in plan["layers"].values() for f in (kv.values() if isinstance(kv, dict) else [kv])]
-        wants_offset = settings.get("offset", True) if offset is None else offset
-        if beside.is_file() and (any(f.startswith("r") for f in formats) or wants_offset):
+        if beside.is_file() and (any(f.startswith("r") for f in formats) or settings.get("offset", True)):
             settings["basis"] = str(beside)
     return settings
 

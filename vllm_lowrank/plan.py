@@ -67,13 +67,13 @@ def build_layer_state(cfg: LowRankConfig, layer: int, local_kv_heads: int, head_
         basis = offset = None
         if b is not None:
             basis = b.bases[t][layer][heads.start:heads.stop]
-            if cfg.tensor_offset(layer, t):
+            if cfg.use_offsets:
                 off = b.offsets[t][layer]
                 if off is None:
                     raise LowRankConfigError(f"basis file {b.path!r} has no {t.upper()} offset for layer {layer}")
                 offset = off[heads.start:heads.stop]
         smooth = None
         if t == "k" and cfg.smooth_layer(layer):
-            smooth = b.key_scales(cfg.tensor_offset(layer, "k"))[layer][heads.start:heads.stop]
+            smooth = b.key_scales(cfg.use_offsets)[layer][heads.start:heads.stop]
         parts.append(build_tensor_transform(tf, local_kv_heads, head_dim, basis, offset, smooth))
     return LayerState(layout, LayerTransforms(*parts).to(device))
