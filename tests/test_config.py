@@ -63,6 +63,7 @@ BAD_SETTINGS = [
     ({"format": "int8", "layers": {"30": "fp8"}}, r"layer 30 does not exist; the model has layers 0..29"),
     ({"format": "int8", "layers": {"first": "fp8"}}, r"'first' is not a layer number"),
     ({"format": "int8", "offset": True}, r"offset=true needs a basis file with calibrated offsets"),
+    ({"format": "int8", "offset": "auto"}, r"offset='auto': expected true or false"),
     ({"format": "int8", "rank": 16}, r"unknown lowrank setting\(s\) \['rank'\]; accepted: format, rank_k"),
 ]
 
@@ -157,6 +158,11 @@ def test_plan_expands_to_its_layers_and_basis():
         assert (cfg.basis is not None) >= needs_basis
     # a key given beside the plan wins over the plan's own
     assert str(parse({"plan": f"{PLANS}:2x", "layers": {"0": "fp8"}}, SMOL).layer_format(0)) == "K=fp8 V=fp8"
+    # the 2x plan runs without offsets (its settings) and then needs no basis; offsets asked for beside
+    # it bring the basis file beside the plans file
+    assert parse({"plan": f"{PLANS}:2x"}, SMOL).basis is None
+    cfg = parse({"plan": f"{PLANS}:2x", "offset": True}, SMOL)
+    assert cfg.basis is not None and cfg.use_offsets
 
 
 @pytest.mark.parametrize("ref,message", [

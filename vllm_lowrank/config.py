@@ -132,7 +132,7 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     if unknown:
         raise LowRankConfigError(f"unknown lowrank setting(s) {unknown}; accepted: {', '.join(KNOWN_KEYS)}")
     if raw.get("plan") is not None:
-        raw = {**expand_plan(str(raw["plan"])), **{k: v for k, v in raw.items() if k != "plan"}}
+        raw = {**expand_plan(str(raw["plan"]), raw.get("offset")), **{k: v for k, v in raw.items() if k != "plan"}}
     d = shape.head_dim
     basis = None
     if raw.get("basis") is not None:
@@ -184,6 +184,8 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
             raise LowRankConfigError(f"layers[{i}]: {e}") from e
 
     use_offsets = raw.get("offset")
+    if use_offsets is not None and not isinstance(use_offsets, bool):
+        raise LowRankConfigError(f"offset={use_offsets!r}: expected true or false")
     if use_offsets is None:
         use_offsets = basis is not None and basis.has_offsets()
     elif use_offsets and (basis is None or not basis.has_offsets()):
@@ -222,11 +224,12 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     return cfg
 
 
-def expand_plan(ref: str) -> dict[str, Any]:
+def expand_plan(ref: str, offset: bool | None = None) -> dict[str, Any]:
     """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
 
     A plan's own ``basis`` (a path relative to the plans file's folder or its parent) wins; otherwise a
-    plan whose formats need one gets ``<name>.safetensors`` beside ``<name>.plans.json``.
+    plan whose formats or offsets need one gets ``<name>.safetensors`` beside ``<name>.plans.json``
+    (``offset``: the user's ``offset`` setting, which overrides the plan's).
     """
     path_text, sep, name = ref.rpartition(":")
     path = Path(path_text)
@@ -252,7 +255,8 @@ def expand_plan(ref: str) -> dict[str, Any]:
     else:
         beside = path.with_name(path.name.replace(".plans.json", ".safetensors"))
         formats = [str(f) for kv in plan["layers"].values() for f in (kv.values() if isinstance(kv, dict) else [kv])]
-        if beside.is_file() and (any(f.startswith("r") for f in formats) or settings.get("offset", True)):
+        wants_offset = settings.get("offset", True) if offset is None else offset
+        if beside.is_file() and (any(f.startswith("r") for f in formats) or wants_offset):
             settings["basis"] = str(beside)
     return settings
 
