@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--lowrank", default=json.dumps({"format": DEFAULT_FORMAT}),
                     help="the lowrank settings as JSON (default: %(default)s)")
     ap.add_argument("--plan", default=None,
-                    help="a calibrated per-layer plan of bases/smollm2-135m.plans.json (2x, 3x, 3.56x, 4x, ...) "
+                    help="a calibrated per-layer plan of bases/smollm2-135m.plans.json (2x, 2.5x, 2.75x, 3x, 3.56x, 4x, ...) "
                          "instead of --lowrank")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=64 << 20, help="KV cache memory (default 64 MiB)")
     ap.add_argument("--max-tokens", type=int, default=48)
