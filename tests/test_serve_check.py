@@ -1,0 +1,61 @@
+"""The ``vllm serve`` check itself: against a stub OpenAI server it passes good replies and reports bad ones."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from vllm_lowrank.serve_check import check_server
+
+
+def _stub(tokens: int, stream_text: str | None = None) -> ThreadingHTTPServer:
+    """Replies "a b c d" with ``tokens`` completion tokens; streams ``stream_text`` (default the same)."""
+    text = "a b c d"
+    streamed = text if stream_text is None else stream_text
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            chat = self.path.endswith("chat/completions")
+            self.send_response(200)
+            if not body.get("stream"):
+                choice = {"message": {"content": text}} if chat else {"text": text}
+                out = json.dumps({"choices": [choice], "usage": {"completion_tokens": tokens}}).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+                return
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            words = streamed.split(" ")
+            for piece in [words[0], *(" " + w for w in words[1:])]:
+                choice = {"delta": {"content": piece}} if chat else {"text": piece}
+                self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+            self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': tokens}})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("tokens,stream_text,expected", [
+    (8, None, []),
+    (7, None, ["7 tokens, asked 8"] * 4),
+    (8, "a b x d", ["streamed text differs"] * 2),
+])
+def test_check_server_verdicts(tokens, stream_text, expected):
+    server = _stub(tokens, stream_text)
+    try:
+        replies, failures = check_server(f"http://127.0.0.1:{server.server_address[1]}", "m", max_tokens=8)
+    finally:
+        server.shutdown()
+    assert len(replies) == 4 and all(r.text for r in replies)
+    assert len(failures) == len(expected) and all(e in f for e, f in zip(expected, failures)), failures
