@@ -35,8 +35,6 @@ def plan_for_shape(plan: str, num_layers: int, head_dim: int, plans_file: Path =
     """A SmolLM2 plan (30 layers, head_dim 64) mapped onto another shape for speed work: layer i takes
     the plan's layer at the same relative depth, ranks scale with head_dim. Speed proxy only: the plan's
     accuracy was measured on SmolLM2, not on this shape."""
-    import re
-
     layers = json.loads(plans_file.read_text())["plans"][plan]["layers"]
     n = len(layers)
 
@@ -47,11 +45,12 @@ def plan_for_shape(plan: str, num_layers: int, head_dim: int, plans_file: Path =
             for i in range(num_layers)}
 
 
-def plugin_variants(head_dim: int, num_layers: int) -> dict[str, dict]:
-    """This plugin's formats: int8, fp8, int4, low rank at about 2x, 4x and 8x, and the SmolLM2 plan
-    that costs under 1% perplexity (2.75x) mapped onto the shape."""
-    d = head_dim
-    return {
+def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
+    """This plugin's settings for the shape: int8, fp8, int4, low rank at about 2x, 4x and 8x, and the
+    SmolLM2 plan that costs under 1% perplexity (2.75x) mapped onto the shape; ``basis`` (a file for
+    the shape) goes to those that project."""
+    d, num_layers = SHAPES[shape]["head_dim"], SHAPES[shape]["num_hidden_layers"]
+    variants = {
         "lr:int8": {"format": "int8"},
         "lr:fp8": {"format": "fp8"},
         "lr:int4": {"format": "int4"},
@@ -60,6 +59,8 @@ def plugin_variants(head_dim: int, num_layers: int) -> dict[str, dict]:
         "lr:lowrank+int8-8x": {"format": "lowrank+int8", "rank_k": d // 4 - 2, "rank_v": d // 4 - 2},
         "lr:plan-2.75x": {"format": "int8", "layers": plan_for_shape("2.75x", num_layers, d)},
     }
+    return {name: {**v, "basis": str(basis)} if v["format"].startswith("lowrank") or "layers" in v else v
+            for name, v in variants.items()}
 
 
 def _append_log(path: Path, cmd: list[str], log: str) -> None:
@@ -183,11 +184,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
     basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
-    ours = plugin_variants(SHAPES[args.shape]["head_dim"], SHAPES[args.shape]["num_hidden_layers"])
     variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
-    for name, settings in ours.items():
-        if settings["format"].startswith("lowrank") or "layers" in settings:
-            settings = {**settings, "basis": str(basis)}
+    for name, settings in plugin_variants(args.shape, basis).items():
         variants[name] = ["--attention-backend", "lowrank", "--additional-config", json.dumps({"lowrank": settings})]
     chosen = args.variants.split(",") if args.variants else list(variants)
     unknown = [v for v in chosen if v not in variants]

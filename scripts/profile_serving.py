@@ -92,14 +92,11 @@ def main() -> None:
     work = Path(tempfile.gettempdir()) / "profile_serving"  # scratch, outside --out (results only there)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
     basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
-    ours = plugin_variants(SHAPES[args.shape]["head_dim"], SHAPES[args.shape]["num_hidden_layers"])
+    ours = plugin_variants(args.shape, basis)
     results = {}
     for name in tqdm(args.variants.split(","), desc="profile"):
         if name in ours:
-            settings = dict(ours[name])
-            if settings["format"].startswith("lowrank") or "layers" in settings:
-                settings["basis"] = str(basis)
-            kw = {"attention_backend": "lowrank", "additional_config": {"lowrank": settings}}
+            kw = {"attention_backend": "lowrank", "additional_config": {"lowrank": ours[name]}}
         else:
             kw = {"kv_cache_dtype": name}
         res = out / f"profile-{name.replace(':', '_')}.json"

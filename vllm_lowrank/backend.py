@@ -213,7 +213,10 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         """Compile this layer's prefill kernel now (start-up: the first forward with metadata, e.g. a
         CUDA-graph warm-up run) rather than at the first continuation chunk while serving, where
         Triton's compilation (about a second) stalls the whole batch."""
-        if torch.cuda.is_current_stream_capturing() or _ops(q.device) is reference:
+        if _ops(q.device) is reference:  # the PyTorch path forced on CUDA: nothing to compile
+            self._prefill_compiled = True
+            return
+        if torch.cuda.is_current_stream_capturing():
             return
         from . import kernels
 
