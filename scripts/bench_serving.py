@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """vLLM's own throughput benchmark, side by side: vLLM's KV cache options against this plugin's formats.
 
-One table per command: every variant runs ``vllm bench throughput`` (random dataset, dummy weights of a
-model shape, fixed ``--kv-cache-memory-bytes``) one after another in this process's machine, so all
-ratios come from one run. Printed last: KV cache size in tokens, maximum concurrency, requests/s,
-output tokens/s, and ratios to ``auto`` and to ``fp8``. Runs on a GPU (each variant starts an engine:
-about two minutes with compilation and CUDA graphs, so at most four variants fit a 600 s device call;
-the table is printed after every variant, so a command cut short still shows what it measured).
+One table per command: every variant runs vLLM's own ``vllm bench throughput`` (random dataset, dummy
+weights of a model shape, fixed ``--kv-cache-memory-bytes``) on this machine, so all ratios come from
+one run. Engines start side by side (``--parallel``: start-up takes about two minutes a variant on the
+H200, compilation and CUDA graphs) and then measure one at a time, each alone on the GPU
+(:mod:`vllm_lowrank.side_by_side`). Printed last: KV cache size in tokens, maximum concurrency,
+requests/s, output tokens/s, and ratios to ``auto`` and to ``fp8``; the table is also printed after
+every variant, so a command cut short still shows what it measured. ``--latency 1,32``: ``vllm bench
+latency`` instead, with ample memory.
 
 Shapes: ``1b`` (hidden 2048, 16 layers, 32/8 heads, head_dim 64, vocab 128256; the reference table of
 shared/gpu/README.md), ``8b`` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, head_dim 128).
@@ -17,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from vllm_lowrank.shapes import SHAPES, make_basis, make_model
+from vllm_lowrank.side_by_side import Job, run_side_by_side, worker_command
 
 VLLM_VARIANTS = ["auto", "fp8", "int8_per_token_head", "int4_per_token_head"]
 
@@ -63,24 +64,11 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
             for name, v in variants.items()}
 
 
-def _append_log(path: Path, cmd: list[str], log: str) -> None:
-    with path.open("a") as f:
-        f.write(f"\n{'=' * 100}\n{' '.join(cmd)}\n\n{log}")
-
-
-def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args, work: Path, log_path: Path) -> dict:
-    js = work / f"{name.replace(':', '_')}.json"
-    cmd = [*vllm, "bench", "throughput", "--model", str(model), "--load-format", "dummy",
-           "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-           "--max-model-len", str(args.max_model_len), "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
-           "--output-json", str(js), *extra]
-    t0 = time.perf_counter()
-    # run outside the source checkout, so that the installed plugin (not the source folder) is imported
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
-    log = proc.stdout + proc.stderr
-    _append_log(log_path, cmd, log)
-    row = {"variant": name, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
+def throughput_row(job: Job) -> dict:
+    """A table row from a finished ``vllm bench throughput`` job: its log and vLLM's JSON."""
+    log = job.log.read_text() if job.log.exists() else ""
+    row = {"variant": job.name, "rc": job.rc, "startup_s": job.startup_s, "run_s": job.run_s}
+    js = job.gate.parent / f"{job.gate.name}.json"
     if js.exists():
         row["vllm_json"] = json.loads(js.read_text())
     m = re.search(r"KV cache size: ([\d,]+) tokens", log)
@@ -91,32 +79,29 @@ def run_variant(vllm: list[str], model: Path, name: str, extra: list[str], args,
     if m:
         row.update(requests_per_s=float(m.group(1)), total_tokens_per_s=float(m.group(2)),
                    output_tokens_per_s=float(m.group(3)))
-    if proc.returncode:
-        row["error"] = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+    elif job.error is None:
+        job.error = "no throughput line in its output"
+    if job.error:
+        tail = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+        row["error"] = f"{job.error}: {tail}"
     return row
 
 
-def run_latency(vllm: list[str], model: Path, name: str, extra: list[str], batch: int, args, work: Path,
-                log_path: Path) -> dict:
-    """``vllm bench latency`` of one variant at one batch size (ample memory: vLLM's default KV size)."""
-    tag = f"latency-{name.replace(':', '_')}-b{batch}"
-    js = work / f"{tag}.json"
-    cmd = [*vllm, "bench", "latency", "--model", str(model), "--load-format", "dummy",
-           "--batch-size", str(batch), "--input-len", str(args.input_len), "--output-len", str(args.latency_output_len),
-           "--num-iters-warmup", "2", "--num-iters", str(args.latency_iters), "--max-model-len",
-           str(args.max_model_len), "--output-json", str(js), *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
-    log = proc.stdout + proc.stderr
-    _append_log(log_path, cmd, log)
-    row = {"variant": name, "batch": batch, "rc": proc.returncode, "seconds": time.perf_counter() - t0}
+def latency_row(job: Job, batch: int) -> dict:
+    """A table row from a finished ``vllm bench latency`` job."""
+    log = job.log.read_text() if job.log.exists() else ""
+    row = {"variant": job.name, "batch": batch, "rc": job.rc, "startup_s": job.startup_s, "run_s": job.run_s}
+    js = job.gate.parent / f"{job.gate.name}.json"
     if js.exists():
         data = json.loads(js.read_text())
         row["avg_latency_s"] = data.get("avg_latency")
         row["p50_latency_s"] = (data.get("percentiles") or {}).get("50")
         row["latencies_s"] = data.get("latencies")
-    if proc.returncode:
-        row["error"] = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+    elif job.error is None:
+        job.error = "no JSON written"
+    if job.error:
+        tail = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+        row["error"] = f"{job.error}: {tail}"
     return row
 
 
@@ -158,11 +143,18 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
                          "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x)")
-    ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="throughput runs only")
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
+                    help="KV cache of the throughput runs (memory pressure); default 1 GiB")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--parallel", type=int, default=4,
+                    help="engines started side by side (each then measured alone, see vllm_lowrank.side_by_side); "
+                         "1: one after another")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.05,
+                    help="passed to every run: with an explicit KV cache size vLLM only checks that this share of "
+                         "the GPU is free at start-up, so it must be small for engines side by side")
     ap.add_argument("--out", type=Path, default=Path("bench_out"),
                     help="results: <table>-<shape>.json (rows with vLLM's own JSON) and <table>-<shape>.log "
                          "(every engine's output), two files per command")
@@ -170,15 +162,17 @@ def main() -> None:
                     help="scratch: the dummy model folder, the basis, vLLM's raw outputs")
     ap.add_argument("--latency", default=None, metavar="BATCHES",
                     help="instead of throughput: `vllm bench latency` at these comma-separated batch sizes "
-                         "(vLLM's default KV cache size, i.e. ample memory), e.g. 1,32")
+                         "(ample memory: --latency-kv-cache-memory-bytes), e.g. 1,32")
     ap.add_argument("--latency-output-len", type=int, default=128)
     ap.add_argument("--latency-iters", type=int, default=5)
+    ap.add_argument("--latency-kv-cache-memory-bytes", type=int, default=4 << 30,
+                    help="KV cache of the latency runs (default 4 GiB: 4x what the 1B shape needs at batch 32 "
+                         "in bf16; the 8B shape needs 4.5 GiB there)")
+    ap.add_argument("extra", nargs="*", help="after --: more arguments for every vLLM run, e.g. -- --enforce-eager")
     args = ap.parse_args()
 
     from tqdm import tqdm
 
-    # vLLM's CLI module directly: it guards main(), so engine processes started with spawn do not re-run it
-    vllm = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     args.out, work = args.out.resolve(), args.work.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -191,27 +185,55 @@ def main() -> None:
     unknown = [v for v in chosen if v not in variants]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(variants)}")
-    rows = []
-    if args.latency:
-        runs = [(name, int(b)) for name in chosen for b in args.latency.split(",")]
-        log_path = args.out / f"latency-{args.shape}.log"
-        log_path.write_text("")
-        for name, batch in tqdm(runs, desc=f"vllm bench latency ({args.shape})"):
-            rows.append(run_latency(vllm, model, name, variants[name], batch, args, work, log_path))
-            (args.out / f"latency-{args.shape}.json").write_text(json.dumps(rows, indent=1))
-            # printed after every run: a command cut short by a time limit still shows what it measured
+    common = ["--model", str(model), "--load-format", "dummy", "--max-model-len", str(args.max_model_len),
+              "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    table = f"latency-{args.shape}" if args.latency else f"throughput-{args.shape}"
+    log_path, json_path = args.out / f"{table}.log", args.out / f"{table}.json"
+    log_path.write_text("")
+    jobs, rows, batch_of = [], [], {}
+    for name in chosen:
+        for batch in ([int(b) for b in args.latency.split(",")] if args.latency else [None]):
+            tag = name.replace(":", "_") + (f"-b{batch}" if batch else "")
+            gate = work / "gates" / tag
+            if batch:
+                bench = ["bench", "latency", "--batch-size", str(batch), "--input-len", str(args.input_len),
+                         "--output-len", str(args.latency_output_len), "--num-iters-warmup", "2",
+                         "--num-iters", str(args.latency_iters),
+                         "--kv-cache-memory-bytes", str(args.latency_kv_cache_memory_bytes)]
+            else:
+                bench = ["bench", "throughput", "--dataset-name", "random", "--random-input-len", str(args.input_len),
+                         "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+                         "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
+            cmd = worker_command(gate, [*bench, *common, "--output-json", str(gate.parent / f"{tag}.json"),
+                                        *variants[name], *args.extra])
+            # run outside the source checkout, so that the installed plugin (not the source folder) is imported
+            jobs.append(Job(name if not batch else f"{name}@{batch}", cmd, gate, work / "logs" / f"{tag}.log", cwd=work))
+            batch_of[jobs[-1].name] = (name, batch)
+    progress = tqdm(total=len(jobs), desc=f"vllm bench {'latency' if args.latency else 'throughput'} ({args.shape})")
+
+    def on_done(job: Job) -> None:
+        with log_path.open("a") as f:
+            f.write(f"\n{'=' * 100}\n{job.name}: startup {job.startup_s} s, run {job.run_s} s, rc {job.rc}\n"
+                    f"{job.log.read_text() if job.log.exists() else ''}")
+        if args.latency:
+            name, batch = batch_of[job.name]
+            rows.append({**latency_row(job, batch), "variant": name})
+        else:
+            rows.append(throughput_row(job))
+        json_path.write_text(json.dumps(rows, indent=1))
+        progress.update()
+        # printed after every run: a command cut short by a time limit still shows what it measured
+        if args.latency:
             print(f"\nshape {args.shape}, vllm bench latency, {args.input_len} in / {args.latency_output_len} out, "
                   f"median of {args.latency_iters} iterations", flush=True)
             print_latency_table(rows)
-        return
-    log_path = args.out / f"throughput-{args.shape}.log"
-    log_path.write_text("")
-    for name in tqdm(chosen, desc=f"vllm bench throughput ({args.shape})"):
-        rows.append(run_variant(vllm, model, name, variants[name], args, work, log_path))
-        (args.out / f"throughput-{args.shape}.json").write_text(json.dumps(rows, indent=1))
-        print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
-              f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}", flush=True)
-        print_table(rows)
+        else:
+            print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
+                  f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}",
+                  flush=True)
+            print_table(rows)
+
+    run_side_by_side(jobs, args.parallel, on_done)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", default=str(DEFAULT_PLANS), help="plans file (from sensitivity.py)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
                    help="KV cache memory for every format (capacity ratios are measured at this size)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's start-up check of free GPU memory (default: vLLM's); lower it to share the GPU")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--save-token-windows", default=None,
                    help="write the evaluation windows (token ids, JSON) here and stop: for --token-windows")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for spec in tqdm(specs, desc="formats", unit="format"):
-        r = run_format(model, spec, windows, args.dtype, args.kv_cache_memory_bytes)
+        extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+        r = run_format(model, spec, windows, args.dtype, args.kv_cache_memory_bytes, **extra)
         results.append(r)
         tqdm.write(f"{r.name}: perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.seconds:.0f} s)")
     base = results[0]

@@ -95,15 +95,15 @@ def bytes_per_token(model: str | Path, spec: FormatSpec) -> int:
 
 
 def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dtype: str = "bfloat16",
-               kv_cache_memory_bytes: int = 512 << 20, batch: int = 8) -> FormatResult:
-    """Prompt log-probabilities of every window under one format."""
+               kv_cache_memory_bytes: int = 512 << 20, batch: int = 8, **engine_kwargs: Any) -> FormatResult:
+    """Prompt log-probabilities of every window under one format (``engine_kwargs``: more ``LLM`` arguments)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     n, _, h, d = model_shape(model)
     t0 = time.time()
     max_len = max(len(w) for w in windows) + 16
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(engine_kwargs)
     if spec.settings is None:
         backend = None
         if spec.kv_cache_dtype != "auto":
