@@ -11,9 +11,11 @@ import pytest
 from vllm_lowrank.serve_check import check_server
 
 
-def _stub(tokens: int, stream_text: str | None = None) -> ThreadingHTTPServer:
-    """Replies "a b c d" with ``tokens`` completion tokens; streams ``stream_text`` (default the same)."""
+def _stub(tokens: int, stream_text: str | None = None, bodies: list | None = None) -> ThreadingHTTPServer:
+    """Replies "a b c d" with ``tokens`` completion tokens; streams ``stream_text`` (default the same);
+    keeps the request bodies in ``bodies``."""
     text = "a b c d"
+    bodies = [] if bodies is None else bodies
     streamed = text if stream_text is None else stream_text
 
     class Handler(BaseHTTPRequestHandler):
@@ -22,6 +24,7 @@ def _stub(tokens: int, stream_text: str | None = None) -> ThreadingHTTPServer:
 
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
             chat = self.path.endswith("chat/completions")
             self.send_response(200)
             if not body.get("stream"):
@@ -48,14 +51,20 @@ def _stub(tokens: int, stream_text: str | None = None) -> ThreadingHTTPServer:
 
 @pytest.mark.parametrize("tokens,stream_text,expected", [
     (8, None, []),
-    (7, None, ["7 tokens, asked 8"] * 4),
+    (7, None, ["7 tokens, asked 8"] * 5),
     (8, "a b x d", ["streamed text differs"] * 2),
 ])
 def test_check_server_verdicts(tokens, stream_text, expected):
-    server = _stub(tokens, stream_text)
+    bodies = []
+    server = _stub(tokens, stream_text, bodies)
     try:
         replies, failures = check_server(f"http://127.0.0.1:{server.server_address[1]}", "m", max_tokens=8)
     finally:
         server.shutdown()
-    assert len(replies) == 4 and all(r.text for r in replies)
+    assert len(replies) == 5 and all(r.text for r in replies)
+    assert [r.cache for r in replies] == ["cold"] * 4 + ["warm"]
+    # four cold prompts (distinct prefix-cache salts), then the first one again; special tokens kept
+    salts = [b["cache_salt"] for b in bodies]
+    assert len(set(salts[:4])) == 4 and salts[4] == salts[0]
+    assert all(b["skip_special_tokens"] is False and b["temperature"] == 0 for b in bodies)
     assert len(failures) == len(expected) and all(e in f for e, f in zip(expected, failures)), failures

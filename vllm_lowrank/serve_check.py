@@ -2,9 +2,11 @@
 
 Starts ``vllm serve MODEL --attention-backend lowrank --additional-config '{"lowrank": ...}'`` (vLLM's
 defaults otherwise: on a GPU, CUDA graphs and torch.compile), waits for ``/health``, then sends four
-greedy requests: completions and chat completions, each plain and streamed. Each must return the
-requested number of tokens, a streamed reply must equal the plain one, and the server's log must name
-the lowrank formats. One row per request is printed; the exit status is non-zero on any failure.
+greedy requests, each with a cold prompt (its own ``cache_salt``): completions and chat completions,
+each plain and streamed. Each must return the requested number of tokens, a streamed reply must equal
+the plain one, and the server's log must name the lowrank formats. A fifth request repeats the plain
+completion over its cached prompt; whether it equals the cold reply is reported, not judged (see
+:func:`check_server`). One row per request is printed; the exit status is non-zero on any failure.
 
 Models: the embedded SmolLM2-135M (default), a model folder, or ``--shape 8b`` / ``--shape 1b``
 (:mod:`vllm_lowrank.shapes`, dummy weights, a random orthonormal basis for the
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_command() -> str:
+def vllm_command() -> list[str]:
+    """The ``vllm`` command beside this Python (or on PATH); else vLLM's CLI module run by this Python."""
     cli = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    if not cli:
-        raise FileNotFoundError("the vllm command is not installed")
-    return cli
+    return [cli] if cli else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 @contextlib.contextmanager
@@ -51,7 +53,7 @@ def vllm_server(model: str | Path, settings: dict, log_path: Path, *, served_nam
                 extra: list[str] = (), start_timeout_s: float = 600.0) -> Iterator[str]:
     """A running ``vllm serve`` with the lowrank backend; yields its base URL, stops it on exit."""
     port = free_port()
-    cmd = [vllm_command(), "serve", str(model), "--attention-backend", "lowrank",
+    cmd = [*vllm_command(), "serve", str(model), "--attention-backend", "lowrank",
            "--additional-config", json.dumps({"lowrank": settings}), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", served_name, *extra]
     with log_path.open("w") as log:
@@ -108,12 +110,19 @@ class Reply:
     completion_tokens: int
     seconds: float
     chunks: int = 1
+    cache: str = "cold"
 
 
-def ask(base: str, served_name: str, chat: bool, stream: bool, max_tokens: int) -> Reply:
-    """One greedy request of ``max_tokens`` tokens (EOS ignored) to the completions or chat endpoint."""
+def ask(base: str, served_name: str, chat: bool, stream: bool, max_tokens: int, cache_salt: str) -> Reply:
+    """One greedy request of ``max_tokens`` tokens (EOS ignored) to the completions or chat endpoint.
+
+    ``cache_salt`` (vLLM's per-request prefix-cache key): a fresh one makes the prompt's prefill cold.
+    Special tokens are kept in the text, so that a model with dummy weights, which often generates
+    nothing else, still shows what it generated.
+    """
     endpoint = "chat/completions" if chat else "completions"
-    body: dict = {"model": served_name, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body: dict = {"model": served_name, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                  "cache_salt": cache_salt, "skip_special_tokens": False}
     body.update({"messages": CHAT} if chat else {"prompt": PROMPT})
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
@@ -137,8 +146,18 @@ def ask(base: str, served_name: str, chat: bool, stream: bool, max_tokens: int) 
 
 
 def check_server(base: str, served_name: str, max_tokens: int) -> tuple[list[Reply], list[str]]:
-    """The four requests and the failures found (empty: all good)."""
-    replies = [ask(base, served_name, chat, stream, max_tokens) for chat in (False, True) for stream in (False, True)]
+    """The four requests, each with a cold prompt, then the plain completion again over its own cached
+    prompt (a prefix-cache hit); and the failures found (empty: all good).
+
+    The warm repeat is reported, not judged: with a lossy format it may differ from the cold reply,
+    since a cold prompt's first chunk attends over its exact K/V and a cached prompt is read back
+    compressed (as every decode step reads it).
+    """
+    run = uuid.uuid4().hex
+    replies = [ask(base, served_name, chat, stream, max_tokens, f"{run}-{chat}-{stream}")
+               for chat in (False, True) for stream in (False, True)]
+    warm = ask(base, served_name, False, False, max_tokens, f"{run}-False-False")
+    warm.cache = "warm"
     failures = []
     for r in replies:
         if r.completion_tokens != max_tokens:
@@ -151,7 +170,13 @@ def check_server(base: str, served_name: str, max_tokens: int) -> tuple[list[Rep
         if plain.text != streamed.text:
             failures.append(f"{plain.endpoint}: streamed text differs from the plain reply "
                             f"({plain.text[:60]!r} vs {streamed.text[:60]!r})")
-    return replies, failures
+    if warm.completion_tokens != max_tokens:
+        failures.append(f"warm repeat: {warm.completion_tokens} tokens, asked {max_tokens}")
+    return [*replies, warm], failures
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(args.model) if args.model else smollm2()
 
     failed = False
-    print(f"{'format':<28} {'endpoint':<18} {'stream':<6} {'tokens':>6} {'chunks':>6} {'seconds':>8}  text")
+    print(f"{'format':<28} {'endpoint':<18} {'stream':<6} {'cache':<5} {'tokens':>6} {'chunks':>6} {'seconds':>8}  text")
     for i, fmt in enumerate(args.formats):
         settings = json.loads(fmt) if fmt.startswith("{") else {"format": fmt}
         if basis and "basis" not in settings:
@@ -204,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         if "lowrank KV cache formats" not in log_path.read_text():
             failures.append("the server log does not name the lowrank formats")
         for r in replies:
-            print(f"{fmt:<28} {r.endpoint:<18} {str(r.stream):<6} {r.completion_tokens:>6} {r.chunks:>6} "
+            print(f"{fmt:<28} {r.endpoint:<18} {str(r.stream):<6} {r.cache:<5} {r.completion_tokens:>6} {r.chunks:>6} "
                   f"{r.seconds:>8.2f}  {r.text[:40]!r}")
+        if replies[-1].text != replies[0].text:
+            print(f"{fmt:<28} note: the warm repeat (prompt read back from the compressed cache) differs from "
+                  f"the cold reply after {_common_prefix(replies[0].text, replies[-1].text)} characters")
         for f in failures:
             print(f"{fmt:<28} FAILED: {f}")
         failed |= bool(failures)
