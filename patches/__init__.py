@@ -2,6 +2,7 @@
 
 Each module names the vLLM function it replaces and why, refuses a vLLM version it was not written
 for, and is idempotent. :func:`apply_all` is called by the plugin's ``register()`` in every process.
+``bench_gate`` is not among them: only a benchmark worker (``vllm_lowrank.side_by_side``) applies it.
 """
 
 from . import backend_alias, cpu_platform, engine_config, kv_cache_spec
