@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", choices=("wiki", "stdlib"), default="wiki",
                    help="held-out text: the Wikipedia excerpt, or Python standard-library source")
     p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS,
-                   help="format specs: vllm, vllm-fp8, full, int8, fp8, int4, lowrank:RK[:RV], "
+                   help="format specs: vllm, vllm-<kv_cache_dtype> (vLLM's own cache, e.g. vllm-fp8, "
+                        "vllm-int8_per_token_head), full, int8, fp8, int4, lowrank:RK[:RV], "
                         "lowrank+int8:RK[:RV], plan:NAME, or a JSON dict of lowrank settings")
     p.add_argument("--windows", type=int, default=4, help="evaluation windows (40 = the whole held-out text)")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")

@@ -56,6 +56,7 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
     if s == "vllm":
         return FormatSpec(s, None)
     if s.startswith("vllm-"):
+        vllm_vector_bytes(s[len("vllm-"):], 64)  # refuse an unknown dtype before any engine starts
         return FormatSpec(s, None, s[len("vllm-"):])
     if s.startswith("{"):
         return FormatSpec(s, {"prefill_from_cache": True, **json.loads(s)})
@@ -81,12 +82,25 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
     return FormatSpec(s, settings)
 
 
+def vllm_vector_bytes(kv_cache_dtype: str, head_dim: int) -> int:
+    """Bytes of one head's K (or V) vector of one token in vLLM's own cache of ``kv_cache_dtype``; the
+    per-token-head dtypes keep a float32 scale beside the codes."""
+    if kv_cache_dtype in ("auto", "bfloat16", "float16", "half"):
+        return 2 * head_dim
+    if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        return head_dim
+    per_token_head = {"int8_per_token_head": head_dim, "fp8_per_token_head": head_dim,
+                      "int4_per_token_head": (head_dim + 1) // 2}
+    if kv_cache_dtype not in per_token_head:
+        raise ValueError(f"unknown vLLM kv_cache_dtype {kv_cache_dtype!r}")
+    return per_token_head[kv_cache_dtype] + 4
+
+
 def bytes_per_token(model: str | Path, spec: FormatSpec) -> int:
     """KV bytes per token over all layers (bf16 model dtype for the plugin's model-dtype payloads)."""
     n, _, h, d = model_shape(model)
     if spec.settings is None:
-        per = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}.get(spec.kv_cache_dtype, 2)
-        return n * h * 2 * d * per
+        return n * h * 2 * vllm_vector_bytes(spec.kv_cache_dtype, d)
     from .config import ModelShape, parse
     from .formats import SlotLayout
 
