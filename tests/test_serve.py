@@ -19,6 +19,7 @@ def test_vllm_serve_completions_and_chat(smollm2: Path, tmp_path: Path):
                      start_timeout_s=300) as base:
         replies, failures = check_server(base, "smollm2", max_tokens=12)
     assert not failures, failures
-    assert [(r.endpoint, r.stream) for r in replies] == [
-        ("completions", False), ("completions", True), ("chat/completions", False), ("chat/completions", True)]
+    assert [(r.endpoint, r.stream, r.cache) for r in replies] == [
+        ("completions", False, "cold"), ("completions", True, "cold"), ("chat/completions", False, "cold"),
+        ("chat/completions", True, "cold"), ("completions", False, "warm")]
     assert "lowrank KV cache formats: all 30 layers K=hadamard+int4" in log.read_text()
