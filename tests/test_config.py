@@ -65,6 +65,8 @@ BAD_SETTINGS = [
     ({"format": "int8", "offset": True}, r"offset=true needs a basis file with calibrated offsets"),
     ({"format": "int8", "offset": "auto"}, r"offset='auto': expected true or false"),
     ({"format": "int8", "rank": 16}, r"unknown lowrank setting\(s\) \['rank'\]; accepted: format, rank_k"),
+    ({"format": "int8", "rank_k": 32}, r"rank_k/rank_v are set, but no format takes them.*'lowrank\+int8'"),
+    ({"format": "r32+int8", "rank_v": 16, "basis": "good"}, r"rank_k/rank_v are set, but no format takes them"),
 ]
 
 
@@ -84,6 +86,7 @@ def test_bad_setting_is_refused(settings, message, basis_files):
     {"format": "full"}, {"format": "int4"}, {"format": "r32+int8", "basis": "good"},
     {"format": "lowrank+fp8", "rank_k": 32, "rank_v": 8, "basis": "good"},
     {"format": {"k": "hadamard+int4", "v": "fp8"}, "layers": {"0": {"k": "r16", "v": "model"}}, "basis": "good"},
+    {"format": "int8", "rank_k": 16, "rank_v": 16, "layers": {"3": "lowrank"}, "basis": "good"},
 ])
 def test_good_setting_is_accepted(settings, basis_files):
     cfg = parse(_resolve(settings, basis_files), SMOL)

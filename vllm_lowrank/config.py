@@ -183,6 +183,11 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
         except FormatError as e:
             raise LowRankConfigError(f"layers[{i}]: {e}") from e
 
+    ranked = [v for v in (fmt_value, *layers.values()) if isinstance(v, str) and v.strip().lower() in RANKED_PRESETS]
+    if (raw.get("rank_k") is not None or raw.get("rank_v") is not None) and not ranked:
+        raise LowRankConfigError(f"rank_k/rank_v are set, but no format takes them: they are the ranks of the presets "
+                                 f"{', '.join(RANKED_PRESETS)}, and format {fmt_value!r} has none (for int8 with a "
+                                 f"rank use 'lowrank+int8'; a tensor format carries its own rank, e.g. 'r32+int8')")
     use_offsets = raw.get("offset")
     if use_offsets is not None and not isinstance(use_offsets, bool):
         raise LowRankConfigError(f"offset={use_offsets!r}: expected true or false")

@@ -29,6 +29,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "serve_check",
                     help="server logs (serve-<n>.log) go here")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="servers up at once (each format is its own server); for more than one, give each a "
+                         "share of the GPU, e.g. -- --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 2147483648")
     ap.add_argument("extra", nargs="*", help="after --: more `vllm serve` arguments, e.g. -- --enforce-eager")
     args = ap.parse_args(argv)
 
@@ -212,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = Path(args.model) if args.model else smollm2()
 
-    failed = False
-    print(f"{'format':<28} {'endpoint':<18} {'stream':<6} {'cache':<5} {'tokens':>6} {'chunks':>6} {'seconds':>8}  text")
-    for i, fmt in enumerate(args.formats):
+    def check_format(i: int, fmt: str) -> tuple[list[Reply], list[str]]:
+        """Serve one format and check it; a server that does not come up is one failure."""
         settings = json.loads(fmt) if fmt.startswith("{") else {"format": fmt}
         if basis and "basis" not in settings:
             settings["basis"] = basis
@@ -223,20 +226,25 @@ def main(argv: list[str] | None = None) -> int:
             with vllm_server(model, settings, log_path, served_name="model", extra=extra) as base:
                 replies, failures = check_server(base, "model", args.max_tokens)
         except (RuntimeError, TimeoutError, OSError) as e:
-            print(f"{fmt:<28} FAILED to serve: {e}")
-            failed = True
-            continue
+            return [], [f"failed to serve: {e}"]
         if "lowrank KV cache formats" not in log_path.read_text():
             failures.append("the server log does not name the lowrank formats")
-        for r in replies:
-            print(f"{fmt:<28} {r.endpoint:<18} {str(r.stream):<6} {r.cache:<5} {r.completion_tokens:>6} {r.chunks:>6} "
-                  f"{r.seconds:>8.2f}  {r.text[:40]!r}")
-        if replies[-1].text != replies[0].text:
-            print(f"{fmt:<28} note: the warm repeat (prompt read back from the compressed cache) differs from "
-                  f"the cold reply after {_common_prefix(replies[0].text, replies[-1].text)} characters")
-        for f in failures:
-            print(f"{fmt:<28} FAILED: {f}")
-        failed |= bool(failures)
+        return replies, failures
+
+    failed = False
+    print(f"{'format':<28} {'endpoint':<18} {'stream':<6} {'cache':<5} {'tokens':>6} {'chunks':>6} {'seconds':>8}  text")
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        # results in the order of --formats, each printed as soon as it and those before it are done
+        for fmt, (replies, failures) in zip(args.formats, pool.map(check_format, range(len(args.formats)), args.formats)):
+            for r in replies:
+                print(f"{fmt:<28} {r.endpoint:<18} {str(r.stream):<6} {r.cache:<5} {r.completion_tokens:>6} "
+                      f"{r.chunks:>6} {r.seconds:>8.2f}  {r.text[:40]!r}")
+            if replies and replies[-1].text != replies[0].text:
+                print(f"{fmt:<28} note: the warm repeat (prompt read back from the compressed cache) differs from "
+                      f"the cold reply after {_common_prefix(replies[0].text, replies[-1].text)} characters")
+            for f in failures:
+                print(f"{fmt:<28} FAILED: {f}")
+            failed |= bool(failures)
     return 1 if failed else 0
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The project's H200 runs, one device call per step, after the kit's steps 1-5 (../shared/gpu/README.md:
+# vLLM in /tmp/site, SmolLM2 in /tmp/smollm2). Each step reinstalls this checkout into /tmp/site, writes
+# its results under $OUT and prints its table last.
+#
+#   bash scripts/h200.sh serve          # `vllm serve` checks: SmolLM2 (3 formats) and the 8B shape (2), ~5 min
+#   bash scripts/h200.sh ppl            # perplexity through the kernels, 40 windows, ~3 min; carry out/wiki-40.json
+#                                       # and out/smollm2-135m-instruct-bfloat16-basis.safetensors (the CPU's basis)
+#   bash scripts/h200.sh throughput-1b  # the 11-variant table of BENCHMARKS.md, ~7 min
+#   bash scripts/h200.sh throughput-8b  # 8B shape, 8k context, 4 GiB of KV cache, 5 variants, ~6 min
+#   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
+#   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
+#
+# Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
+# this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
+set -euo pipefail
+step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|latency|kernels}
+OUT=${OUT:-/tmp/h200-out}
+mkdir -p "$OUT"
+source /tmp/site/env.sh
+export VLLM_LOWRANK_SMOLLM2=/tmp/smollm2 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site --upgrade . >/dev/null 2>&1
+TOK=.gpukit/tok
+PLAN_2_75='{"plan": "bases/smollm2-135m.plans.json:2.75x", "basis": "bases/smollm2-135m.safetensors"}'
+SHARE=(--gpu-memory-utilization 0.05)  # engines side by side: vLLM then only checks this much is free
+
+case $step in
+  serve)
+    python3 -P -m vllm_lowrank.serve_check --parallel 3 --out /tmp/sc-smollm2 \
+      --formats int8 int4 "$PLAN_2_75" -- "${SHARE[@]}" --kv-cache-memory-bytes 2147483648 \
+      > "$OUT/serve_smollm2.txt" 2>&1 &
+    python3 -P -m vllm_lowrank.serve_check --parallel 2 --out /tmp/sc-8b --shape 8b --tokenizer $TOK \
+      --formats int8 '{"format": "lowrank+int8", "rank_k": 64, "rank_v": 64}' \
+      -- "${SHARE[@]}" --kv-cache-memory-bytes 4294967296 > "$OUT/serve_8b.txt" 2>&1 &
+    wait
+    grep -h "lowrank KV cache formats\|Graph capturing finished\|torch.compile took" /tmp/sc-*/serve-*.log \
+      | cut -c1-300 > "$OUT/server_logs.txt" || true
+    cat "$OUT/serve_smollm2.txt" "$OUT/serve_8b.txt" | grep -v "^(\|^INFO\|^WARNING" ;;
+  ppl)
+    python3 -P -m vllm_lowrank.evaluate --token-windows out/wiki-40.json --windows 40 \
+      --plans bases/smollm2-135m.plans.json "${SHARE[@]}" \
+      --formats vllm vllm-fp8_per_token_head vllm-int8_per_token_head vllm-int4_per_token_head \
+                full int8 fp8 int4 plan:2x plan:2.75x --json "$OUT/ppl-40w.json" > "$OUT/ppl.log" 2>&1
+    grep -A 14 "^smollm2" "$OUT/ppl.log" ;;
+  throughput-1b)
+    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 6 --out "$OUT" --work /tmp/bs-1b \
+      2>&1 | grep -v "it/s\]" | tail -16 ;;
+  throughput-8b)
+    python3 -P scripts/bench_serving.py --shape 8b --tokenizer $TOK --input-len 7936 --output-len 256 \
+      --max-model-len 8192 --num-prompts 64 --kv-cache-memory-bytes 4294967296 --parallel 5 \
+      --variants auto,fp8,lr:int4,lr:lowrank+int8-4x,lr:plan-2.75x --out "$OUT" --work /tmp/bs-8b \
+      2>&1 | grep -v "it/s\]" | tail -10 ;;
+  latency)
+    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --latency 1,32 --parallel 8 \
+      --variants auto,fp8,lr:int8,lr:int4 --out "$OUT" --work /tmp/bs-lat 2>&1 | grep -v "it/s\]" | tail -12 ;;
+  kernels)
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend_kernels.py \
+      -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1 || true
+    tail -5 "$OUT/gpu_tests.log" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
