@@ -64,13 +64,32 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
             for name, v in variants.items()}
 
 
-def throughput_row(job: Job) -> dict:
-    """A table row from a finished ``vllm bench throughput`` job: its log and vLLM's JSON."""
+def _job_output(job: Job) -> tuple[dict, str, dict | None]:
+    """The row fields every job has, its log text and vLLM's ``--output-json`` (None if not written)."""
     log = job.log.read_text() if job.log.exists() else ""
-    row = {"variant": job.name, "rc": job.rc, "startup_s": job.startup_s, "run_s": job.run_s}
-    js = job.gate.parent / f"{job.gate.name}.json"
-    if js.exists():
-        row["vllm_json"] = json.loads(js.read_text())
+    js = output_json(job.gate)
+    row = {"rc": job.rc, "startup_s": job.startup_s, "run_s": job.run_s}
+    return row, log, json.loads(js.read_text()) if js.exists() else None
+
+
+def _with_error(row: dict, job: Job, log: str) -> dict:
+    if job.error:
+        tail = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
+        row["error"] = f"{job.error}: {tail}"
+    return row
+
+
+def output_json(gate: Path) -> Path:
+    """Where a job writes vLLM's ``--output-json``: beside its gate folder."""
+    return gate.parent / f"{gate.name}.json"
+
+
+def throughput_row(job: Job, name: str) -> dict:
+    """A table row from a finished ``vllm bench throughput`` job: its log and vLLM's JSON."""
+    row, log, data = _job_output(job)
+    row["variant"] = name
+    if data is not None:
+        row["vllm_json"] = data
     m = re.search(r"KV cache size: ([\d,]+) tokens", log)
     row["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
     m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
@@ -81,28 +100,20 @@ def throughput_row(job: Job) -> dict:
                    output_tokens_per_s=float(m.group(3)))
     elif job.error is None:
         job.error = "no throughput line in its output"
-    if job.error:
-        tail = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
-        row["error"] = f"{job.error}: {tail}"
-    return row
+    return _with_error(row, job, log)
 
 
-def latency_row(job: Job, batch: int) -> dict:
+def latency_row(job: Job, name: str, batch: int) -> dict:
     """A table row from a finished ``vllm bench latency`` job."""
-    log = job.log.read_text() if job.log.exists() else ""
-    row = {"variant": job.name, "batch": batch, "rc": job.rc, "startup_s": job.startup_s, "run_s": job.run_s}
-    js = job.gate.parent / f"{job.gate.name}.json"
-    if js.exists():
-        data = json.loads(js.read_text())
+    row, log, data = _job_output(job)
+    row.update(variant=name, batch=batch)
+    if data is not None:
         row["avg_latency_s"] = data.get("avg_latency")
         row["p50_latency_s"] = (data.get("percentiles") or {}).get("50")
         row["latencies_s"] = data.get("latencies")
     elif job.error is None:
         job.error = "no JSON written"
-    if job.error:
-        tail = log.strip().splitlines()[-1][-300:] if log.strip() else "no output"
-        row["error"] = f"{job.error}: {tail}"
-    return row
+    return _with_error(row, job, log)
 
 
 def print_latency_table(rows: list[dict]) -> None:
@@ -190,7 +201,7 @@ def main() -> None:
     table = f"latency-{args.shape}" if args.latency else f"throughput-{args.shape}"
     log_path, json_path = args.out / f"{table}.log", args.out / f"{table}.json"
     log_path.write_text("")
-    jobs, rows, batch_of = [], [], {}
+    jobs, rows, what = [], [], {}  # what: job name -> (variant, latency batch or None)
     for name in chosen:
         for batch in ([int(b) for b in args.latency.split(",")] if args.latency else [None]):
             tag = name.replace(":", "_") + (f"-b{batch}" if batch else "")
@@ -204,22 +215,19 @@ def main() -> None:
                 bench = ["bench", "throughput", "--dataset-name", "random", "--random-input-len", str(args.input_len),
                          "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
                          "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
-            cmd = worker_command(gate, [*bench, *common, "--output-json", str(gate.parent / f"{tag}.json"),
+            cmd = worker_command(gate, [*bench, *common, "--output-json", str(output_json(gate)),
                                         *variants[name], *args.extra])
             # run outside the source checkout, so that the installed plugin (not the source folder) is imported
-            jobs.append(Job(name if not batch else f"{name}@{batch}", cmd, gate, work / "logs" / f"{tag}.log", cwd=work))
-            batch_of[jobs[-1].name] = (name, batch)
+            jobs.append(Job(tag, cmd, gate, work / "logs" / f"{tag}.log", cwd=work))
+            what[tag] = (name, batch)
     progress = tqdm(total=len(jobs), desc=f"vllm bench {'latency' if args.latency else 'throughput'} ({args.shape})")
 
     def on_done(job: Job) -> None:
         with log_path.open("a") as f:
             f.write(f"\n{'=' * 100}\n{job.name}: startup {job.startup_s} s, run {job.run_s} s, rc {job.rc}\n"
                     f"{job.log.read_text() if job.log.exists() else ''}")
-        if args.latency:
-            name, batch = batch_of[job.name]
-            rows.append({**latency_row(job, batch), "variant": name})
-        else:
-            rows.append(throughput_row(job))
+        name, batch = what[job.name]
+        rows.append(latency_row(job, name, batch) if batch else throughput_row(job, name))
         json_path.write_text(json.dumps(rows, indent=1))
         progress.update()
         # printed after every run: a command cut short by a time limit still shows what it measured

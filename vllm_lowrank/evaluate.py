@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     results = []
+    extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
     for spec in tqdm(specs, desc="formats", unit="format"):
-        extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
         r = run_format(model, spec, windows, args.dtype, args.kv_cache_memory_bytes, **extra)
         results.append(r)
         tqdm.write(f"{r.name}: perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.seconds:.0f} s)")

@@ -93,7 +93,8 @@ def run_side_by_side(jobs: Sequence[Job], parallel: int, on_done: Callable[[Job]
                     _kill(job)
                     job.rc, job.error = job._proc.returncode, f"not ready after {startup_timeout_s:.0f} s"
                 waiting = []
-            time.sleep(poll_s if waiting else 0)
+            if waiting:
+                time.sleep(poll_s)
         for job in batch:
             if job.error is None:
                 (job.gate / GO).touch()
