@@ -311,3 +311,49 @@ def test_simulation_codec_equals_quantsim_variant():
     plain = make_codec("hadamard+int4", "k", 1, bf, d, h)  # off by default
     assert plain.tr.smooth is None and not torch.allclose(plain(x), plugin(x), atol=1e-3, rtol=0)
     assert make_codec("hadamard+int4", "v", 1, bf, d, h, smooth_keys=True).tr.smooth is None  # values never
+
+
+def test_simulation_plan_codecs_follow_the_settings(gen):
+    """The sensitivity sweep measures each candidate under the plugin settings it is asked for."""
+    from vllm_lowrank.simulate import plan_codecs
+
+    h, d = 3, 64
+    bf = orthonormal_basis_file(2, h, d)
+    bf.offsets = {t: [torch.randn(h, d, generator=gen)] * 2 for t in ("k", "v")}
+    s, raw = _scales(h, d, gen), _scales(h, d, gen)
+    bf.smooth, bf.smooth_raw = [s, s], [raw, raw]
+    plan = {0: ("int8", "hadamard+int4"), 1: ("model", "int8")}
+    k0, v0 = plan_codecs(plan, bf, d, h, None, True)[0]
+    assert torch.equal(k0.tr.smooth, s) and v0.tr.smooth is None and k0.tr.offset is not None
+    k0, _ = plan_codecs(plan, bf, d, h, False, True)[0]
+    assert torch.equal(k0.tr.smooth, raw) and k0.tr.offset is None
+    k0, _ = plan_codecs(plan, bf, d, h, None, False)[0]
+    assert k0.tr.smooth is None
+    assert plan_codecs(plan, bf, d, h, None, True)[1][0].tr.smooth is None  # the model's own K: nothing to smooth
+
+
+def test_plans_record_their_sweeps_settings(tmp_path):
+    """Plans chosen from a sweep measured with smoothing say so (the plugin then runs them that way), and
+    sweeps measured under other settings are refused rather than merged."""
+    import json
+
+    from vllm_lowrank import sensitivity
+
+    cands = ["int8", "hadamard+int4"]
+    sweep = {"reference": {"nll": 3.0, "kl": 0.0, "tokens": 10}, "candidates": cands,
+             "kl": {f"{i}.{t}.{f}": (0.01 if f == "int8" else 0.1) * (i + 1) for i in range(30) for t in "kv"
+                    for f in cands},
+             "meta": {"settings": {"smooth_keys": True}}}
+    sweep["dnll"] = dict(sweep["kl"])
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps(sweep))
+    out = tmp_path / "plans.json"
+    common = ["--from-sweep", str(f), "--basis", str(BASIS), "--model", str(tmp_path), "--candidates", *cands,
+              "--ratios", "2.5", "--out", str(out)]
+    with pytest.raises(SystemExit, match="smooth_keys"):
+        sensitivity.main(common)
+    assert not out.exists()
+    assert sensitivity.main([*common, "--smooth-keys"]) == 0
+    plan = json.loads(out.read_text())["plans"]["2.5x"]
+    assert plan["settings"] == {"smooth_keys": True}
+    assert set(plan["layers"]["29"].values()) == {"int8"}  # the costliest layer keeps the cheaper loss

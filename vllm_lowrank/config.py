@@ -233,7 +233,7 @@ def expand_plan(ref: str, offset: bool | None = None) -> dict[str, Any]:
     """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
 
     A plan's own ``basis`` (a path relative to the plans file's folder or its parent) wins; otherwise a
-    plan whose formats or offsets need one gets ``<name>.safetensors`` beside ``<name>.plans.json``
+    plan whose formats, offsets or key smoothing need one gets ``<name>.safetensors`` beside ``<name>.plans.json``
     (``offset``: the user's ``offset`` setting, which overrides the plan's).
     """
     path_text, sep, name = ref.rpartition(":")
@@ -261,7 +261,8 @@ def expand_plan(ref: str, offset: bool | None = None) -> dict[str, Any]:
         beside = path.with_name(path.name.replace(".plans.json", ".safetensors"))
         formats = [str(f) for kv in plan["layers"].values() for f in (kv.values() if isinstance(kv, dict) else [kv])]
         wants_offset = settings.get("offset", True) if offset is None else offset
-        if beside.is_file() and (any(f.startswith("r") for f in formats) or wants_offset):
+        if beside.is_file() and (any(f.startswith("r") for f in formats) or wants_offset
+                                 or settings.get("smooth_keys")):
             settings["basis"] = str(beside)
     return settings
 

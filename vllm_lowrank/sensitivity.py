@@ -145,6 +145,20 @@ def load_plans(path: str | Path) -> dict[str, Any]:
 # command line: python -m vllm_lowrank.sensitivity --help
 
 
+def sweep_settings(offset: bool | None, smooth_keys: bool) -> dict[str, bool]:
+    """The plugin settings a sweep is measured with, as its plans record them (defaults left out)."""
+    out: dict[str, bool] = {}
+    if offset is not None:
+        out["offset"] = offset
+    if smooth_keys:
+        out["smooth_keys"] = True
+    return out
+
+
+def _sim_settings(settings: dict[str, bool]) -> dict[str, Any]:
+    return {"use_offsets": settings.get("offset"), "smooth_keys": settings.get("smooth_keys", False)}
+
+
 def _ratio_key(r: float) -> str:
     return f"{r:g}x"
 
@@ -179,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0],
                    help="compression ratios vs bf16 K+V to plan for")
     p.add_argument("--metric", choices=("kl", "dnll"), default="kl")
+    p.add_argument("--offset", choices=("auto", "true", "false"), default="auto",
+                   help="the plugin's 'offset' setting to measure with (auto: offsets when the basis file has them)")
+    p.add_argument("--smooth-keys", action="store_true",
+                   help="measure with the plugin's 'smooth_keys' setting on (the basis file's key scales)")
     p.add_argument("--verify", action="store_true", help="simulate each chosen plan in full")
     p.add_argument("--out", default=str(repo / "bases" / "smollm2-135m.plans.json"), help="plans file to write")
     p.add_argument("--rank-bases", nargs="*", default=[], metavar="R=PATH",
@@ -200,19 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = Path(args.model)
     basis = BasisFile.load(args.basis)
+    settings = sweep_settings(None if args.offset == "auto" else args.offset == "true", args.smooth_keys)
     sim = None
     if args.from_sweep is not None:
         files = args.from_sweep or [args.sweep]
         sens = json.loads(Path(files[0]).read_text())
-        for f in files[1:]:
+        for f in files:
             other = json.loads(Path(f).read_text())
+            found = other.get("meta", {}).get("settings", {})
+            if found != settings:
+                raise SystemExit(f"choose_plan: {f} was measured with settings {found or '(defaults)'}, but this run "
+                                 f"asks for {settings or '(defaults)'}: pass the same --offset/--smooth-keys")
             sens["kl"].update(other["kl"])
             sens["dnll"].update(other["dnll"])
     else:
         tok = AutoTokenizer.from_pretrained(str(model))
         ids = tok(split_text()[0], add_special_tokens=False)["input_ids"][args.skip_tokens:]
         wins = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
-        sim = Simulator(model, basis)
+        sim = Simulator(model, basis, **_sim_settings(settings))
         t0 = time.time()
         sim.prepare(wins)
         layers = None
@@ -223,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 layers += list(range(int(a), int(b) + 1)) if b else [int(a)]
         sens = sweep(sim, tuple(args.candidates), layers=layers)
         sens["meta"] = {"windows": args.windows, "window": args.window, "skip_tokens": args.skip_tokens,
-                        "basis": Path(args.basis).name, "seconds": round(time.time() - t0, 1),
+                        "basis": Path(args.basis).name, "settings": settings, "seconds": round(time.time() - t0, 1),
                         "date": datetime.date.today().isoformat()}
         Path(args.sweep).parent.mkdir(parents=True, exist_ok=True)
         Path(args.sweep).write_text(json.dumps(sens, indent=1))
@@ -240,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"ratio": round(full / used, 3), "bytes_per_token": used, "budget": budget,
                  "predicted_kl": round(predicted_loss(sens, plan, "kl"), 6),
                  "predicted_dnll": round(predicted_loss(sens, plan, "dnll"), 6), "layers": plan_layers(plan)}
+        if settings:
+            entry["settings"] = dict(settings)
         plan_basis = basis
         if args.rank_bases:
             rank_files = {int(x.split("=")[0]): BasisFile.load(x.split("=", 1)[1]) for x in args.rank_bases}
@@ -252,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             if sim is None:
                 tok = AutoTokenizer.from_pretrained(str(model))
                 ids = tok(split_text()[0], add_special_tokens=False)["input_ids"][args.skip_tokens:]
-                sim = Simulator(model, basis)
+                sim = Simulator(model, basis, **_sim_settings(settings))
                 sim.prepare([ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)])
             sim.basis = basis
             ref = sim.reference()

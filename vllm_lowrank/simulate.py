@@ -79,6 +79,14 @@ def make_codec(fmt: str | TensorFormat, t: str, layer: int, basis: BasisFile | N
     return TensorCodec(tf, build_tensor_transform(tf, num_kv_heads, head_dim, b, off, smooth), head_dim)
 
 
+def plan_codecs(plan: dict[int, tuple[str, str]], basis: BasisFile | None, head_dim: int, num_kv_heads: int,
+                use_offsets: bool | None = None, smooth_keys: bool = False) -> dict[int, tuple[TensorCodec, TensorCodec]]:
+    """Per layer of ``plan`` (layer -> (K format, V format)), its (K, V) codecs under the plugin's settings."""
+    return {int(i): (make_codec(kf, "k", int(i), basis, head_dim, num_kv_heads, use_offsets, smooth_keys),
+                     make_codec(vf, "v", int(i), basis, head_dim, num_kv_heads, use_offsets, smooth_keys))
+            for i, (kf, vf) in plan.items()}
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [B, Hq, T, D], key/value [B, H, T, D] post-RoPE; B must be 1."""
     layer = module.layer_idx
@@ -121,8 +129,12 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
 class Simulator:
     """Runs windows through the HF model with a chosen compression per layer."""
 
-    def __init__(self, model_path: str | Path, basis: BasisFile | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str | Path, basis: BasisFile | None = None, dtype: torch.dtype = torch.float32,
+                 use_offsets: bool | None = None, smooth_keys: bool = False):
+        """``use_offsets`` and ``smooth_keys``: the plugin's ``offset`` and ``smooth_keys`` settings
+        (``use_offsets=None``: the plugin's default, offsets whenever the basis file has them)."""
         self.model = load_model(model_path, dtype)
+        self.use_offsets, self.smooth_keys = use_offsets, smooth_keys
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -132,10 +144,8 @@ class Simulator:
 
     def set_plan(self, plan: dict[int, tuple[str, str]] | None) -> None:
         """plan: layer -> (K format, V format); layers left out stay exact."""
-        _STATE.codecs = {}
-        for i, (kf, vf) in (plan or {}).items():
-            _STATE.codecs[int(i)] = (make_codec(kf, "k", int(i), self.basis, self.head_dim, self.num_kv_heads),
-                                     make_codec(vf, "v", int(i), self.basis, self.head_dim, self.num_kv_heads))
+        _STATE.codecs = plan_codecs(plan or {}, self.basis, self.head_dim, self.num_kv_heads, self.use_offsets,
+                                    self.smooth_keys)
 
     def set_codecs(self, codecs: dict[int, tuple[Any, Any]]) -> None:
         _STATE.codecs = dict(codecs)
