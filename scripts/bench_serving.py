@@ -23,13 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_lowrank import bundled
 from vllm_lowrank.shapes import SHAPES, make_basis, make_model
 from vllm_lowrank.side_by_side import Job, run_side_by_side, worker_command
 
 VLLM_VARIANTS = ["auto", "fp8", "int8_per_token_head", "int4_per_token_head"]
 
 
-PLANS = Path(__file__).resolve().parent.parent / "bases" / "smollm2-135m.plans.json"
+PLANS = Path(bundled("smollm2-135m.plans.json"))
 
 
 def plan_for_shape(plan: str, num_layers: int, head_dim: int, plans_file: Path = PLANS) -> dict:

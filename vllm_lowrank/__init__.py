@@ -30,3 +30,12 @@ class _SourceCheckoutFinder(importlib.abc.MetaPathFinder):
 
 if not os.path.isdir(os.path.join(_HERE, "patches")) and os.path.isfile(os.path.join(_ROOT, "patches", "__init__.py")):
     sys.meta_path.append(_SourceCheckoutFinder())
+
+
+def bundled(name: str) -> str:
+    """A calibrated file shipped with the plugin (SmolLM2's bases and plans): the repository's ``bases/``
+    in a source checkout, ``vllm_lowrank/bases/`` where the plugin is installed as a package."""
+    for folder in (os.path.join(_HERE, "bases"), os.path.join(_ROOT, "bases")):
+        if os.path.isdir(folder):
+            return os.path.join(folder, name)
+    return os.path.join(_HERE, "bases", name)

@@ -17,10 +17,12 @@ import platform
 import sys
 from pathlib import Path
 
+from . import bundled
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BASIS = REPO / "bases" / "smollm2-135m.safetensors"
+DEFAULT_BASIS = Path(bundled("smollm2-135m.safetensors"))
 FULL_BASIS = REPO / "out" / "smollm2-135m-instruct-bfloat16-basis.safetensors"  # calibrate.py's default output
-DEFAULT_PLANS = REPO / "bases" / "smollm2-135m.plans.json"
+DEFAULT_PLANS = Path(bundled("smollm2-135m.plans.json"))
 DEFAULT_FORMATS = ["vllm", "full", "int8", "fp8", "int4", "plan:2x", "plan:3x", "plan:4x"]
 
 
