@@ -357,3 +357,23 @@ def test_plans_record_their_sweeps_settings(tmp_path):
     plan = json.loads(out.read_text())["plans"]["2.5x"]
     assert plan["settings"] == {"smooth_keys": True}
     assert set(plan["layers"]["29"].values()) == {"int8"}  # the costliest layer keeps the cheaper loss
+
+
+def test_plan_that_asks_for_smoothing_brings_its_basis_file(tmp_path):
+    """A plan chosen with smoothing on and no offsets still gets the basis file beside its plans file
+    (where the scales are), and runs smoothed."""
+    import json
+    import shutil
+
+    from vllm_lowrank.config import expand_plan
+
+    layers = {str(i): {"k": "hadamard+int4" if i == 0 else "int8", "v": "int8"} for i in range(30)}
+    plans = tmp_path / "m.plans.json"
+    plans.write_text(json.dumps({"plans": {"p": {"layers": layers, "settings": {"smooth_keys": True,
+                                                                                 "offset": False}}}}))
+    with pytest.raises(LowRankConfigError, match="no basis file is set"):
+        parse({"plan": f"{plans}:p"}, SMOL)
+    shutil.copy(BASIS, tmp_path / "m.safetensors")
+    assert expand_plan(f"{plans}:p")["basis"] == str(tmp_path / "m.safetensors")
+    cfg = parse({"plan": f"{plans}:p"}, SMOL)
+    assert cfg.smooth_layer(0) and cfg.smooth_layer(29) and not cfg.use_offsets
