@@ -168,8 +168,22 @@ def test_plan_expands_to_its_layers_and_basis():
     assert cfg.basis is not None and cfg.use_offsets
 
 
+def test_plan_by_bare_file_name_is_the_shipped_one(tmp_path, monkeypatch):
+    """``smollm2-135m.plans.json:2.75x-s`` works from any folder (the plans ship with the plugin); a file
+    of that name in the working folder wins."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse({"plan": "smollm2-135m.plans.json:2.75x-s"}, SMOL)
+    ref = parse({"plan": f"{PLANS}:2.75x-s"}, SMOL)
+    assert [str(cfg.layer_format(i)) for i in range(30)] == [str(ref.layer_format(i)) for i in range(30)]
+    assert cfg.smooth_keys and cfg.basis is not None
+    local = {"plans": {"2.75x-s": {"layers": {str(i): {"k": "fp8", "v": "fp8"} for i in range(30)}}}}
+    (tmp_path / "smollm2-135m.plans.json").write_text(json.dumps(local))
+    assert str(parse({"plan": "smollm2-135m.plans.json:2.75x-s"}, SMOL).layer_format(3)) == "K=fp8 V=fp8"
+
+
 @pytest.mark.parametrize("ref,message", [
     ("nowhere.json:2x", r"expected '<plans file>:<plan name>'"),
+    ("sub/smollm2-135m.plans.json:2x", r"expected '<plans file>:<plan name>'"),
     (f"{PLANS}", r"expected '<plans file>:<plan name>'"),
     (f"{PLANS}:9x", r"no plan '9x' in .*; it has 2x"),
 ])

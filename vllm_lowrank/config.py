@@ -232,15 +232,24 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
 def expand_plan(ref: str, offset: bool | None = None) -> dict[str, Any]:
     """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
 
+    A bare file name that does not exist here names a plans file shipped with the plugin
+    (``smollm2-135m.plans.json:2x`` works wherever the plugin is installed).
+
     A plan's own ``basis`` (a path relative to the plans file's folder or its parent) wins; otherwise a
     plan whose formats, offsets or key smoothing need one gets ``<name>.safetensors`` beside ``<name>.plans.json``
     (``offset``: the user's ``offset`` setting, which overrides the plan's).
     """
     path_text, sep, name = ref.rpartition(":")
     path = Path(path_text)
+    if sep and not path.is_file() and path.name == path_text:
+        from . import bundled
+
+        shipped = Path(bundled(path_text))
+        path = shipped if shipped.is_file() else path
     if not sep or not path.is_file():
         raise LowRankConfigError(f"plan={ref!r}: expected '<plans file>:<plan name>' naming an existing plans "
-                                 f"file (made by scripts/choose_plan.py), e.g. 'bases/smollm2-135m.plans.json:2x'")
+                                 f"file (made by scripts/choose_plan.py), e.g. 'bases/smollm2-135m.plans.json:2x', "
+                                 f"or one shipped with the plugin by its file name ('smollm2-135m.plans.json:2x')")
     try:
         plans = json.loads(path.read_text())["plans"]
     except (ValueError, KeyError, TypeError) as e:
