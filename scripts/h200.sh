@@ -4,7 +4,7 @@
 # its results under $OUT and prints its table last.
 #
 #   bash scripts/h200.sh serve          # `vllm serve` checks: SmolLM2 (3 formats) and the 8B shape (2), ~5 min
-#   bash scripts/h200.sh ppl            # perplexity through the kernels, 40 windows, ~3 min; carry out/wiki-40.json
+#   bash scripts/h200.sh ppl            # perplexity through the kernels, 40 windows, ~4 min; carry out/wiki-40.json
 #                                       # and out/smollm2-135m-instruct-bfloat16-basis.safetensors (the CPU's basis)
 #   bash scripts/h200.sh throughput-1b  # the 11-variant table of BENCHMARKS.md, ~7 min
 #   bash scripts/h200.sh throughput-8b  # 8B shape, 8k context, 4 GiB of KV cache, 5 variants, ~6 min
@@ -40,8 +40,10 @@ case $step in
     python3 -P -m vllm_lowrank.evaluate --token-windows out/wiki-40.json --windows 40 \
       --plans bases/smollm2-135m.plans.json "${SHARE[@]}" \
       --formats vllm vllm-fp8_per_token_head vllm-int8_per_token_head vllm-int4_per_token_head \
-                full int8 fp8 int4 plan:2x plan:2.75x --json "$OUT/ppl-40w.json" > "$OUT/ppl.log" 2>&1
-    grep -A 14 "^smollm2" "$OUT/ppl.log" ;;
+                full int8 fp8 int4 plan:2x plan:2.75x plan:2.75x-s plan:3x-s \
+                '{"format": "int8", "basis": "bases/smollm2-135m.safetensors", "smooth_keys": true}' \
+      --json "$OUT/ppl-40w.json" > "$OUT/ppl.log" 2>&1
+    grep -A 18 "^smollm2" "$OUT/ppl.log" ;;
   throughput-1b)
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 6 --out "$OUT" --work /tmp/bs-1b \
       2>&1 | grep -v "it/s\]" | tail -16 ;;

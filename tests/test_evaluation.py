@@ -25,3 +25,15 @@ def test_unknown_vllm_dtype_refused_early():
     assert resolve("vllm-int8_per_token_head", None, None).kv_cache_dtype == "int8_per_token_head"
     with pytest.raises(ValueError, match="unknown vLLM kv_cache_dtype"):
         resolve("vllm-int3", None, None)
+
+
+def test_plans_keep_the_basis_beside_them_unless_basis_is_given():
+    """A smoothed plan needs the scales of the basis file beside its plans file: a default basis for the
+    presets (the full calibration output, which may lack scales) must not replace it; --basis does."""
+    bases = Path(__file__).resolve().parent.parent / "bases"
+    plans, beside = str(bases / "smollm2-135m.plans.json"), str(bases / "smollm2-135m.safetensors")
+    other = str(bases / "smollm2-135m-4x.safetensors")
+    assert resolve("plan:2.75x-s", other, plans).settings["basis"] == beside
+    assert resolve("plan:2.75x-s", other, plans, other).settings["basis"] == other
+    assert resolve("plan:4x", beside, plans, beside).settings["basis"] == other  # a plan's own basis wins
+    assert resolve("lowrank:32", other, plans).settings["basis"] == other

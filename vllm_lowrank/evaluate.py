@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=4, help="evaluation windows (40 = the whole held-out text)")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--dtype", default="bfloat16", help="model dtype in vLLM")
-    p.add_argument("--basis", default=str(FULL_BASIS if FULL_BASIS.is_file() else DEFAULT_BASIS),
-                   help="basis file for low-rank formats and plans without their own (default: calibrate.py's "
-                        "full output if present, else the committed one, which keeps only the plans' columns)")
+    p.add_argument("--basis", default=None,
+                   help="basis file for the low-rank presets (lowrank:RK[:RV], ...; default: calibrate.py's full "
+                        "output if present, else the committed one, which keeps only the plans' columns); when "
+                        "given, it also replaces the basis file beside the plans file for plans without their own")
     p.add_argument("--plans", default=str(DEFAULT_PLANS), help="plans file (from sensitivity.py)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
                    help="KV cache memory for every format (capacity ratios are measured at this size)")
@@ -91,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                                                              "windows": windows}))
         print(f"{len(windows)} windows of {args.window} tokens written to {args.save_token_windows}")
         return 0
-    basis = args.basis if Path(args.basis).is_file() else None
+    if args.basis is not None and not Path(args.basis).is_file():
+        p.error(f"--basis {args.basis}: no such file")
+    default_basis = FULL_BASIS if FULL_BASIS.is_file() else DEFAULT_BASIS
+    basis = args.basis or (str(default_basis) if default_basis.is_file() else None)
     plans = args.plans if Path(args.plans).is_file() else None
-    specs = [resolve(f, basis, plans) for f in args.formats]
+    specs = [resolve(f, basis, plans, args.basis) for f in args.formats]
     if specs[0].name != "vllm":
         specs.insert(0, resolve("vllm", basis, plans))
     from tqdm import tqdm

@@ -51,7 +51,9 @@ class FormatResult:
         return math.exp(self.nll)
 
 
-def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
+def resolve(spec: str, basis: str | None, plans_path: str | None, plan_basis: str | None = None) -> FormatSpec:
+    """The settings of one ``--formats`` spec; ``basis`` serves the presets with ranks, ``plan_basis``
+    (``--basis`` when given) replaces the basis file beside the plans file for plans without their own."""
     s = spec.strip()
     if s == "vllm":
         return FormatSpec(s, None)
@@ -68,8 +70,8 @@ def resolve(spec: str, basis: str | None, plans_path: str | None) -> FormatSpec:
         key = s[len("plan:"):]
         plan = json.loads(Path(plans_path).read_text())["plans"].get(key, {})
         settings = {"format": "int8", **expand_plan(f"{plans_path}:{key}"), "prefill_from_cache": True}
-        if basis and "basis" in settings and not plan.get("basis"):
-            settings["basis"] = basis  # --basis replaces the default basis beside the plans file
+        if plan_basis and "basis" in settings and not plan.get("basis"):
+            settings["basis"] = plan_basis
         return FormatSpec(s, settings)
     if ":" in s:
         preset, *ranks = s.split(":")
