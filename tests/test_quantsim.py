@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vllm_lowrank import calibration as cal
@@ -108,3 +109,29 @@ def test_exact_prefix_wrapper():
     plugin = make_codec("int8", "v", 0, None, D, H)
     y = ExactPrefix(plugin, 2)(x)
     assert torch.equal(y[:2], x[:2]) and torch.equal(y[2:], plugin(x)[2:].float())
+
+
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_recent_window_attention_against_float64(window):
+    """The simulation's recent-window cache: query t reads its last ``window`` positions exact, older
+    ones compressed; checked against a per-query float64 loop (and window >= T is exact attention)."""
+    from vllm_lowrank.simulate import _recent_window_attention
+
+    g = torch.Generator().manual_seed(torch.seed() % (2**31))
+    b, hq, h, t, d = 1, 6, 2, 23, 16
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (hq, h, h))
+    kc, vc = k + 0.3 * torch.randn(k.shape, generator=g), v + 0.3 * torch.randn(v.shape, generator=g)
+    got = _recent_window_attention(q, kc, vc, k, v, window, 0.25)
+    ref = torch.empty(b, t, hq, d, dtype=torch.float64)
+    for i in range(t):
+        for head in range(hq):
+            kv = head // (hq // h)
+            keys = torch.stack([(k if i - j < window else kc)[0, kv, j] for j in range(i + 1)]).double()
+            vals = torch.stack([(v if i - j < window else vc)[0, kv, j] for j in range(i + 1)]).double()
+            p = (keys @ q[0, head, i].double() * 0.25).softmax(0)
+            ref[0, i, head] = p @ vals
+    assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                             is_causal=True, scale=0.25).transpose(1, 2)
+    assert torch.allclose(_recent_window_attention(q, kc, vc, k, v, t, 0.25), exact, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, exact, atol=1e-3, rtol=0) or window >= t
