@@ -111,8 +111,8 @@ def test_exact_prefix_wrapper():
     assert torch.equal(y[:2], x[:2]) and torch.equal(y[2:], plugin(x)[2:].float())
 
 
-@pytest.mark.parametrize("window", [1, 5, 64])
-def test_recent_window_attention_against_float64(window):
+@pytest.mark.parametrize("window,prefix", [(1, 0), (5, 0), (64, 0), (3, 2)])
+def test_recent_window_attention_against_float64(window, prefix):
     """The simulation's recent-window cache: query t reads its last ``window`` positions exact, older
     ones compressed; checked against a per-query float64 loop (and window >= T is exact attention)."""
     from vllm_lowrank.simulate import _recent_window_attention
@@ -121,13 +121,13 @@ def test_recent_window_attention_against_float64(window):
     b, hq, h, t, d = 1, 6, 2, 23, 16
     q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (hq, h, h))
     kc, vc = k + 0.3 * torch.randn(k.shape, generator=g), v + 0.3 * torch.randn(v.shape, generator=g)
-    got = _recent_window_attention(q, kc, vc, k, v, window, 0.25)
+    got = _recent_window_attention(q, kc, vc, k, v, window, 0.25, prefix)
     ref = torch.empty(b, t, hq, d, dtype=torch.float64)
     for i in range(t):
         for head in range(hq):
             kv = head // (hq // h)
-            keys = torch.stack([(k if i - j < window else kc)[0, kv, j] for j in range(i + 1)]).double()
-            vals = torch.stack([(v if i - j < window else vc)[0, kv, j] for j in range(i + 1)]).double()
+            keys = torch.stack([(k if i - j < window or j < prefix else kc)[0, kv, j] for j in range(i + 1)]).double()
+            vals = torch.stack([(v if i - j < window or j < prefix else vc)[0, kv, j] for j in range(i + 1)]).double()
             p = (keys @ q[0, head, i].double() * 0.25).softmax(0)
             ref[0, i, head] = p @ vals
     assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)

@@ -33,6 +33,7 @@ class SimState:
     capture: dict[int, torch.Tensor] | None = None  # layer -> attention probabilities [Hq, T, T]
     capture_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> post-RoPE K, V [T, H, D]
     recent_window: int = 0  # each query reads its last ``recent_window`` positions (itself included) exact
+    exact_prefix: int = 0  # with ``recent_window``: the first positions (attention sinks) are read exact too
 
 
 _STATE = SimState()
@@ -101,7 +102,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         key = kc(k2).transpose(0, 1)[None].to(query.dtype)
         value = vc(v2).transpose(0, 1)[None].to(query.dtype)
         if _STATE.recent_window > 0:
-            return _recent_window_attention(query, key, value, *exact, _STATE.recent_window, scaling), None
+            return _recent_window_attention(query, key, value, *exact, _STATE.recent_window, scaling,
+                                            _STATE.exact_prefix), None
     if _STATE.capture_kv is not None:
         _STATE.capture_kv[layer] = (key[0].transpose(0, 1).float().clone(), value[0].transpose(0, 1).float().clone())
     g = query.shape[1] // h
@@ -119,16 +121,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 
 def _recent_window_attention(query: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, k_e: torch.Tensor,
-                             v_e: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
-    """Causal attention in which query ``t`` reads positions ``t - window + 1 .. t`` from the exact K/V
-    and older ones from the compressed K/V (a recent-window cache, in float32); [B, T, Hq, D] out."""
+                             v_e: torch.Tensor, window: int, scaling: float, prefix: int = 0) -> torch.Tensor:
+    """Causal attention in which query ``t`` reads positions ``t - window + 1 .. t`` and the first
+    ``prefix`` positions from the exact K/V and the others from the compressed K/V (a recent-window cache
+    with attention sinks, in float32); [B, T, Hq, D] out."""
     t = query.shape[2]
     g = query.shape[1] // k_c.shape[1]
     q = query.float()
     s_c, s_e = (torch.einsum("bhqd,bhkd->bhqk", q, k.float().repeat_interleave(g, 1)) for k in (k_c, k_e))
     pos = torch.arange(t)
     age = pos[:, None] - pos[None, :]
-    recent = (age >= 0) & (age < window)
+    recent = (age >= 0) & ((age < window) | (pos[None, :] < prefix))
     s = torch.where(recent, s_e, s_c) * scaling
     p = s.masked_fill(age < 0, float("-inf")).softmax(-1)
     out = (torch.einsum("bhqk,bhkd->bhqd", p * recent, v_e.float().repeat_interleave(g, 1))
