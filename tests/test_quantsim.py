@@ -111,7 +111,7 @@ def test_exact_prefix_wrapper():
     assert torch.equal(y[:2], x[:2]) and torch.equal(y[2:], plugin(x)[2:].float())
 
 
-@pytest.mark.parametrize("window,prefix", [(1, 0), (5, 0), (64, 0), (3, 2)])
+@pytest.mark.parametrize("window,prefix", [(1, 0), (5, 0), (64, 0), (3, 2), (0, 1)])
 def test_recent_window_attention_against_float64(window, prefix):
     """The simulation's recent-window cache: query t reads its last ``window`` positions exact, older
     ones compressed; checked against a per-query float64 loop (and window >= T is exact attention)."""

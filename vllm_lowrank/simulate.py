@@ -33,7 +33,7 @@ class SimState:
     capture: dict[int, torch.Tensor] | None = None  # layer -> attention probabilities [Hq, T, T]
     capture_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> post-RoPE K, V [T, H, D]
     recent_window: int = 0  # each query reads its last ``recent_window`` positions (itself included) exact
-    exact_prefix: int = 0  # with ``recent_window``: the first positions (attention sinks) are read exact too
+    exact_prefix: int = 0  # the first positions (attention sinks) are read exact too
 
 
 _STATE = SimState()
@@ -101,7 +101,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         exact = key, value
         key = kc(k2).transpose(0, 1)[None].to(query.dtype)
         value = vc(v2).transpose(0, 1)[None].to(query.dtype)
-        if _STATE.recent_window > 0:
+        if _STATE.recent_window > 0 or _STATE.exact_prefix > 0:
             return _recent_window_attention(query, key, value, *exact, _STATE.recent_window, scaling,
                                             _STATE.exact_prefix), None
     if _STATE.capture_kv is not None:
