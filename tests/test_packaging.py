@@ -3,6 +3,7 @@ repository (as on the GPU machine, where the plugin is installed with pip)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -39,3 +40,17 @@ def test_wheel_ships_kernels_patches_and_bases_under_the_plugin(tmp_path):
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(tmp_path / "site" / "vllm_lowrank" / "bases"))
+
+
+def test_installed_plugin_exposes_no_top_level_repository_folders(tmp_path):
+    """The test environment's own install of the plugin (editable in CI) maps triton_kernels/ and patches/
+    only under vllm_lowrank: a top-level `triton_kernels` from this repository would shadow the PyPI
+    package that vLLM probes for its MoE kernels."""
+    probe = ("import importlib.util as u, json; "
+             "print(json.dumps({n: getattr(u.find_spec(n), 'origin', None) for n in ('triton_kernels', 'patches', 'bases')}))")
+    out = subprocess.run([sys.executable, "-P", "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    for name, origin in json.loads(out.stdout).items():
+        assert origin is None or not origin.startswith(str(REPO)), f"top-level {name} comes from the repository: {origin}"
+    import vllm_lowrank.kernels
+
+    assert Path(vllm_lowrank.kernels.__file__).resolve().parent == REPO / "triton_kernels"

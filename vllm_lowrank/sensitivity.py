@@ -222,13 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     sim = None
     if args.from_sweep is not None:
         files = args.from_sweep or [args.sweep]
-        sens = json.loads(Path(files[0]).read_text())
-        for f in files:
-            other = json.loads(Path(f).read_text())
+        sweeps = [json.loads(Path(f).read_text()) for f in files]
+        for f, other in zip(files, sweeps):
             found = other.get("meta", {}).get("settings", {})
             if found != settings:
                 raise SystemExit(f"choose_plan: {f} was measured with settings {found or '(defaults)'}, but this run "
                                  f"asks for {settings or '(defaults)'}: pass the same --offset/--smooth-keys")
+        sens = sweeps[0]
+        for other in sweeps[1:]:
             sens["kl"].update(other["kl"])
             sens["dnll"].update(other["dnll"])
     else:

@@ -154,10 +154,9 @@ def check_server(base: str, served_name: str, max_tokens: int) -> tuple[list[Rep
     since a cold prompt's first chunk attends over its exact K/V and a cached prompt is read back
     compressed (as every decode step reads it).
     """
-    run = uuid.uuid4().hex
-    replies = [ask(base, served_name, chat, stream, max_tokens, f"{run}-{chat}-{stream}")
-               for chat in (False, True) for stream in (False, True)]
-    warm = ask(base, served_name, False, False, max_tokens, f"{run}-False-False")
+    salts = {(chat, stream): uuid.uuid4().hex for chat in (False, True) for stream in (False, True)}
+    replies = [ask(base, served_name, chat, stream, max_tokens, salt) for (chat, stream), salt in salts.items()]
+    warm = ask(base, served_name, False, False, max_tokens, salts[False, False])
     warm.cache = "warm"
     failures = []
     for r in replies:
@@ -174,10 +173,6 @@ def check_server(base: str, served_name: str, max_tokens: int) -> tuple[list[Rep
     if warm.completion_tokens != max_tokens:
         failures.append(f"warm repeat: {warm.completion_tokens} tokens, asked {max_tokens}")
     return [*replies, warm], failures
-
-
-def _common_prefix(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.chunks:>6} {r.seconds:>8.2f}  {r.text[:40]!r}")
             if replies and replies[-1].text != replies[0].text:
                 print(f"{fmt:<28} note: the warm repeat (prompt read back from the compressed cache) differs from "
-                      f"the cold reply after {_common_prefix(replies[0].text, replies[-1].text)} characters")
+                      f"the cold reply after {len(os.path.commonprefix([replies[0].text, replies[-1].text]))} characters")
             for f in failures:
                 print(f"{fmt:<28} FAILED: {f}")
             failed |= bool(failures)
