@@ -68,3 +68,22 @@ def test_check_server_verdicts(tokens, stream_text, expected):
     assert len(set(salts[:4])) == 4 and salts[4] == salts[0]
     assert all(b["skip_special_tokens"] is False and b["temperature"] == 0 for b in bodies)
     assert len(failures) == len(expected) and all(e in f for e, f in zip(expected, failures)), failures
+
+
+def test_dummy_shape_vocabulary_follows_the_tokenizer_for_text_checks(tmp_path):
+    """Random weights over the 8B shape's 128256 ids mostly pick ids a borrowed tokenizer lacks (empty text):
+    the serve check sizes the vocabulary to the tokenizer; the throughput benchmark keeps the shape's."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from vllm_lowrank.shapes import SHAPES, make_model
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    Tokenizer(WordLevel({w: i for i, w in enumerate(["<unk>", "a", "b", "c", "d"])}, unk_token="<unk>")).save(
+        str(tok_dir / "tokenizer.json"))
+    text = json.loads((make_model("8b", tok_dir, tmp_path / "m1", vocab_from_tokenizer=True) / "config.json").read_text())
+    timed = json.loads((make_model("8b", tok_dir, tmp_path / "m2") / "config.json").read_text())
+    assert text["vocab_size"] == 5
+    assert timed["vocab_size"] == SHAPES["8b"]["vocab_size"] == 128256
+    assert text["hidden_size"] == timed["hidden_size"] == 4096

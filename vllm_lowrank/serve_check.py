@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +43,10 @@ def free_port() -> int:
 
 
 def vllm_command() -> list[str]:
-    """The ``vllm`` command beside this Python (or on PATH); else vLLM's CLI module run by this Python."""
-    cli = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    return [cli] if cli else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    """vLLM's CLI module run by this Python: what the ``vllm`` entry point runs, but never another
+    environment's ``vllm`` on PATH, nor a generated script without a ``__main__`` guard (the GPU kit's
+    ``/tmp/site/bin/vllm`` is one: ``vllm serve`` then fails as it spawns its engine)."""
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 @contextlib.contextmanager
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--shape needs --tokenizer")
         from .shapes import make_basis, make_model
 
-        model = make_model(args.shape, args.tokenizer, args.out / f"model-{args.shape}")
+        model = make_model(args.shape, args.tokenizer, args.out / f"model-{args.shape}", vocab_from_tokenizer=True)
         basis = basis or str(make_basis(args.shape, args.out / f"basis-{args.shape}.safetensors"))
         extra = ["--load-format", "dummy", *extra]
     else:

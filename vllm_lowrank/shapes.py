@@ -18,12 +18,26 @@ SHAPES = {
 }
 
 
-def make_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
-    """A model folder with the shape's config.json (dummy weights) and a borrowed tokenizer."""
+def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+    """How many token ids the tokenizer in ``tokenizer_dir`` can turn into text (added tokens included)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+def make_model(shape: str, tokenizer_dir: Path, out: Path, vocab_from_tokenizer: bool = False) -> Path:
+    """A model folder with the shape's config.json (dummy weights) and a borrowed tokenizer.
+
+    The shape's own vocabulary (128256) keeps the timings honest, but random weights then mostly pick ids
+    the borrowed tokenizer lacks, which decode to empty text; ``vocab_from_tokenizer`` sizes the
+    vocabulary to the tokenizer instead, for checks that read the generated text.
+    """
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
            "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
+    if vocab_from_tokenizer:
+        cfg["vocab_size"] = tokenizer_vocab_size(tokenizer_dir)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     for f in tokenizer_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
