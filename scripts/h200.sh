@@ -8,13 +8,15 @@
 #                                       # and out/smollm2-135m-instruct-bfloat16-basis.safetensors (the CPU's basis)
 #   bash scripts/h200.sh throughput-1b  # the 11-variant table of BENCHMARKS.md, ~7 min
 #   bash scripts/h200.sh throughput-8b  # 8B shape, 8k context, 4 GiB of KV cache, 5 variants, ~6 min
+#   bash scripts/h200.sh throughput-8b-b  # the same setting: auto, fp8 again (the ratios' anchors) and
+#                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
 #
 # Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
 # this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
 set -euo pipefail
-step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|latency|kernels}
+step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels}
 OUT=${OUT:-/tmp/h200-out}
 mkdir -p "$OUT"
 source /tmp/site/env.sh
@@ -42,6 +44,7 @@ case $step in
       --formats vllm vllm-fp8_per_token_head vllm-int8_per_token_head vllm-int4_per_token_head \
                 full int8 fp8 int4 plan:2x plan:2.75x plan:2.75x-s plan:3x-s \
                 '{"format": "int8", "basis": "bases/smollm2-135m.safetensors", "smooth_keys": true}' \
+                '{"format": "int4", "basis": "bases/smollm2-135m.safetensors"}' \
       --json "$OUT/ppl-40w.json" > "$OUT/ppl.log" 2>&1
     grep -A 18 "^smollm2" "$OUT/ppl.log" ;;
   throughput-1b)
@@ -51,6 +54,11 @@ case $step in
     python3 -P scripts/bench_serving.py --shape 8b --tokenizer $TOK --input-len 7936 --output-len 256 \
       --max-model-len 8192 --num-prompts 64 --kv-cache-memory-bytes 4294967296 --parallel 5 \
       --variants auto,fp8,lr:int4,lr:lowrank+int8-4x,lr:plan-2.75x --out "$OUT" --work /tmp/bs-8b \
+      2>&1 | grep -v "it/s\]" | tail -10 ;;
+  throughput-8b-b)
+    python3 -P scripts/bench_serving.py --shape 8b --tokenizer $TOK --input-len 7936 --output-len 256 \
+      --max-model-len 8192 --num-prompts 64 --kv-cache-memory-bytes 4294967296 --parallel 5 \
+      --variants auto,fp8,int8_per_token_head,int4_per_token_head,lr:int8 --out "$OUT" --work /tmp/bs-8b-b \
       2>&1 | grep -v "it/s\]" | tail -10 ;;
   latency)
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --latency 1,32 --parallel 8 \
