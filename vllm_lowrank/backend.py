@@ -95,6 +95,9 @@ class LowRankMetadata(AttentionMetadata):
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
     positions: torch.Tensor | None = None  # [num_tokens] position of each query token
+    ring: int = 0  # layered cache: ring blocks at the front of each block-table row (block_table excludes them)
+    ring_table: torch.Tensor | None = None  # [num_reqs, ring] those ring blocks
+    req_of_token: torch.Tensor | None = None  # [num_actual_tokens] each new token's request
 
 
 class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
@@ -105,6 +108,8 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: per-layer specs
+        self.ring = getattr(next(iter(specs.values())) if specs else kv_cache_spec, "ring_blocks", 0)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> LowRankMetadata:
         md = self.build(0, common_attn_metadata)
@@ -119,13 +124,30 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
         seq_lens_cpu = cam.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:
             seq_lens_cpu = cam.seq_lens.cpu()
-        return LowRankMetadata(
+        md = LowRankMetadata(
             num_actual_tokens=cam.num_actual_tokens, num_reqs=cam.num_reqs, num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens, max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
             query_start_loc_cpu=cam.query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu,
             positions=cam.positions)
+        return self._with_ring(md) if self.ring else md
+
+    def _with_ring(self, md: LowRankMetadata) -> LowRankMetadata:
+        """Layered cache: the ring blocks split off the block table, and the compressed slots of the new
+        tokens recomputed (vLLM's slot mapping counts the ring blocks as the first positions' blocks)."""
+        from .layered import compressed_slot_mapping
+
+        n, k = md.num_actual_tokens, self.ring
+        q_lens = md.query_start_loc[1:md.num_reqs + 1] - md.query_start_loc[:md.num_reqs]
+        req = torch.repeat_interleave(torch.arange(md.num_reqs, device=q_lens.device), q_lens)[:n]
+        positions = md.positions[:n] if md.positions is not None else (
+            md.seq_lens[req] - q_lens[req] + torch.arange(n, device=req.device) - md.query_start_loc[req])
+        slots = torch.full_like(md.slot_mapping, -1)
+        slots[:n] = compressed_slot_mapping(md.block_table, req, positions, k, self.kv_cache_spec.block_size)
+        md.ring, md.ring_table, md.req_of_token = k, md.block_table[:, :k], req
+        md.block_table, md.slot_mapping, md.positions = md.block_table[:, k:], slots, positions
+        return md
 
 
 class LowRankImpl(AttentionImpl[LowRankMetadata]):
@@ -165,6 +187,9 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                                            self.head_size, self.vllm_config, device)
             logger.info_once("lowrank attention on %s runs %s", device.type,
                              "the PyTorch path" if _ops(device) is reference else "the Triton kernels")
+            if self.config.layered and _ops(device) is not reference:  # checks.check_layered refuses it first
+                raise LowRankConfigError("exact_window/exact_sink (a layered cache) run on the PyTorch path "
+                                         "only: the Triton kernels do not read the exact ring yet")
         return self.state
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
@@ -173,9 +198,26 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         if n == 0:
             return
         st = self._state(layer, key.device)
+        if self.config.layered:
+            self._store_layered(layer, key, value, kv_cache, st)
+            return
         _ops(key.device).store(key[:n].view(n, self.num_kv_heads, self.head_size),
                                value[:n].view(n, self.num_kv_heads, self.head_size),
                                kv_cache, slot_mapping, st.layout, st.transforms)
+
+    def _store_layered(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                       kv_cache: torch.Tensor, st: LayerState) -> None:
+        """Store into the compressed slots of our own slot mapping (the ring is written after attention)."""
+        from vllm.forward_context import get_forward_context
+
+        md = get_forward_context().attn_metadata
+        md = md[layer.layer_name] if isinstance(md, dict) else md
+        if md is None:
+            return
+        n = md.num_actual_tokens
+        reference.store(key[:n].view(n, self.num_kv_heads, self.head_size),
+                        value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, md.slot_mapping,
+                        st.layout, st.transforms)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: LowRankMetadata | None, output: torch.Tensor,
@@ -194,10 +236,12 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         if not self._prefill_compiled and q.device.type == "cuda":
             self._compile_prefill(q, kv_cache, md, st)
         nd, ndt = md.num_decodes, md.num_decode_tokens
-        if nd:
+        if self.config.layered:
+            self._layered(md, q, key, value, kv_cache, st, out)
+        elif nd:
             _ops(q.device).decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd],
                                             st.layout, st.transforms, self.scale, out[:ndt])
-        if md.num_reqs > nd:
+        if md.num_reqs > nd and not self.config.layered:
             self._prefill(md, q, key, value, kv_cache, st, out)
         if output.shape[0] > n:
             output[n:].zero_()
@@ -207,6 +251,31 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             observe(layer_index(layer.layer_name), q, key[:n].view(n, self.num_kv_heads, self.head_size),
                     value[:n].view(n, self.num_kv_heads, self.head_size), md.positions[:n])
         return output
+
+    def _layered(self, md: LowRankMetadata, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
+        """Every request through :func:`vllm_lowrank.layered.layered_attention`, except a prompt's first
+        chunk without ``prefill_from_cache``, which attends to its own exact K/V as usual; then the new
+        tokens go into the ring."""
+        from .layered import layered_attention, store_exact
+
+        qsl, seq_lens = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+        for i in range(md.num_reqs):
+            q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
+            if q1 <= q0:
+                continue
+            if length == q1 - q0 and not self.config.prefill_from_cache:
+                self._exact_prefill(md, qsl, i, i + 1, q, key, value, out)
+                continue
+            row = torch.cat((md.ring_table[i], md.block_table[i]))
+            layered_attention(q[q0:q1], key[q0:q1].view(-1, self.num_kv_heads, self.head_size),
+                              value[q0:q1].view(-1, self.num_kv_heads, self.head_size), kv_cache, row, md.ring,
+                              length, self.config.exact_window, self.config.exact_sink, st.layout,
+                              st.transforms, self.scale, out[q0:q1])
+        n = md.num_actual_tokens
+        store_exact(key[:n].view(n, self.num_kv_heads, self.head_size),
+                    value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, md.ring_table,
+                    md.req_of_token, md.positions[:n], self.config.exact_window, self.config.exact_sink)
 
     def _compile_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, md: LowRankMetadata,
                          st: LayerState) -> None:

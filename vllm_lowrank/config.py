@@ -22,6 +22,10 @@ Keys (all optional):
   on by default with a calibrated basis file.
 - ``prefill_from_cache``: prefill attends over the stored (compressed) K/V instead of the prompt's own
   exact K/V, so that perplexity measures what decode sees (default false).
+- ``exact_window``, ``exact_sink``: a layered cache (:mod:`vllm_lowrank.layered`): each sequence's last
+  ``exact_window`` tokens and its first ``exact_sink`` tokens are also kept exact, in ring blocks at the
+  front of its block-table row, and attention reads them exact (default 0 and 0: off). Needs prefix
+  caching off; the PyTorch path only for now (the Triton kernels do not read the ring yet).
 - ``calibrate``: accumulate per-layer statistics of Q, K (post- and pre-RoPE) and V for calibration
   (see :mod:`vllm_lowrank.calibration`; default false).
 """
@@ -42,7 +46,7 @@ from .transforms import smoothing_applies
 CONFIG_KEY = "lowrank"
 DEFAULT_FORMAT = "int8"
 KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "plan", "offset", "smooth_keys", "prefill_from_cache",
-              "calibrate")
+              "calibrate", "exact_window", "exact_sink")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -68,6 +72,13 @@ class LowRankConfig:
     prefill_from_cache: bool = False
     calibrate: bool = False
     smooth_keys: bool = False
+    exact_window: int = 0
+    exact_sink: int = 0
+
+    @property
+    def layered(self) -> bool:
+        """Whether some tokens of every sequence are also kept exact (:mod:`vllm_lowrank.layered`)."""
+        return self.exact_window + self.exact_sink > 0
 
     def layer_format(self, layer: int) -> LayerFormat:
         return self.overrides.get(layer, self.default)
@@ -204,8 +215,14 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
         raise LowRankConfigError(f"smooth_keys=true needs a basis file with key smoothing scales (k.smooth.*), but "
                                  f"{where}; make one with scripts/calibrate.py (it writes them unless --no-smooth), "
                                  f"or drop 'smooth_keys'")
+    exact = {}
+    for key in ("exact_window", "exact_sink"):
+        n = raw.get(key, 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise LowRankConfigError(f"{key}={n!r}: expected a number of tokens (an integer >= 0)")
+        exact[key] = n
     cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")),
-                        bool(raw.get("calibrate")), bool(smooth))
+                        bool(raw.get("calibrate")), bool(smooth), **exact)
 
     for i in range(shape.num_layers):
         fmt = cfg.layer_format(i)

@@ -126,6 +126,8 @@ def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dt
             kwargs["kv_cache_dtype"] = spec.kv_cache_dtype
     else:
         backend = "lowrank"
+        if spec.settings.get("exact_window") or spec.settings.get("exact_sink"):
+            kwargs.setdefault("enable_prefix_caching", False)  # a layered cache needs it off
     nll, count = 0.0, 0
     top1: list[list[int]] = []
     with vllm_llm(model, spec.settings, dtype=dtype, max_model_len=max_len,

@@ -15,6 +15,9 @@ def register() -> None:
     from vllm_lowrank.backend import BACKEND_PATH
     from vllm_lowrank.patches import apply_all
 
+    from vllm_lowrank.layered import register as register_layered_spec
+
     apply_all()
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    register_layered_spec()
     _registered = True

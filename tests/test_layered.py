@@ -1,0 +1,159 @@
+"""The layered cache (:mod:`vllm_lowrank.layered`): ring blocks of exact tokens beside the compressed cache.
+
+Store and read back bit for bit without touching the compressed slots or other blocks; attention against
+float64 with the exact/compressed rule spelled out per query; and in vLLM on the CPU, the ring's effect on
+perplexity and the prefix-caching guard.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_lowrank.codec import decode_layer, encode_layer
+from vllm_lowrank.config import LowRankConfigError, ModelShape, parse
+from vllm_lowrank.formats import SlotLayout, preset_format
+from vllm_lowrank.layered import (compressed_slot_mapping, layered_attention, read_exact, ring_blocks,
+                                  ring_tokens_per_block, store_exact)
+from vllm_lowrank.reference import read_slots, store
+from vllm_lowrank.transforms import build_tensor_transform, LayerTransforms
+
+from conftest import attention64
+
+H, HQ, D, BS = 3, 9, 64, 16
+
+
+def _setup(fmt: str, window: int, sink: int, length: int, dtype=torch.bfloat16):
+    """A poisoned cache, one request's block-table row (ring blocks first, shuffled ids) and its transforms."""
+    lf = preset_format(fmt)
+    layout = SlotLayout.build(lf, D, dtype)
+    k = ring_blocks(window, sink, [ring_tokens_per_block(BS, layout.slot_bytes, D, dtype)])
+    num_blocks = k + (length + BS - 1) // BS + 3  # three blocks no one owns
+    cache = torch.randint(0, 256, (num_blocks, H, BS, layout.slot_bytes), dtype=torch.uint8)
+    row = torch.randperm(num_blocks)[:num_blocks - 3]
+    transforms = LayerTransforms(build_tensor_transform(lf.k, H, D, None, None),
+                                 build_tensor_transform(lf.v, H, D, None, None))
+    return layout, transforms, cache, row, k
+
+
+def _store_in_chunks(cache, row, k, layout, transforms, keys, values, chunks, window, sink):
+    start = 0
+    for size in chunks:
+        pos = torch.arange(start, start + size)
+        req = torch.zeros(size, dtype=torch.long)
+        slots = compressed_slot_mapping(row[None, :], req, pos, k, BS)
+        store(keys[pos], values[pos], cache, slots, layout, transforms)
+        store_exact(keys[pos], values[pos], cache, row[None, :k], req, pos, window, sink)
+        start += size
+
+
+@pytest.mark.parametrize("fmt,window,sink", [("int4", 5, 2), ("int8", 32, 1), ("int4", 8, 0), ("int8", 0, 3)])
+def test_ring_holds_the_last_window_and_first_sink_exactly(fmt, window, sink):
+    length, dtype = 37, torch.bfloat16
+    layout, transforms, cache, row, k = _setup(fmt, window, sink, length, dtype)
+    keys, values = torch.randn(length, H, D).to(dtype), torch.randn(length, H, D).to(dtype)
+    before = cache.clone()
+    _store_in_chunks(cache, row, k, layout, transforms, keys, values, (10, 1, 20, 1, 5), window, sink)
+
+    pos, k_ex, v_ex = read_exact(cache, row[:k], length, window, sink, D, dtype)
+    expect = sorted(set(range(max(0, length - window), length)) | set(range(min(sink, length))))
+    assert pos.tolist() == expect
+    assert torch.equal(k_ex, keys[pos]) and torch.equal(v_ex, values[pos])
+    # the compressed slots hold exactly the codec's bytes: the ring writes did not clobber them
+    slots = compressed_slot_mapping(row[None, :], torch.zeros(length, dtype=torch.long), torch.arange(length), k, BS)
+    assert torch.equal(read_slots(cache, slots, layout), encode_layer(keys, values, layout, transforms))
+    unowned = sorted(set(range(cache.shape[0])) - set(row.tolist()))
+    assert torch.equal(cache[unowned], before[unowned])
+
+
+def _dequantized(cache, row, k, length, layout, transforms):
+    slots = compressed_slot_mapping(row[None, :], torch.zeros(length, dtype=torch.long), torch.arange(length), k, BS)
+    k_lat, v_lat = decode_layer(read_slots(cache, slots, layout), layout)
+    return transforms.k.reconstruct(k_lat, 1), transforms.v.reconstruct(v_lat, 1)
+
+
+@pytest.mark.parametrize("fmt,window,sink,q_len", [("int4", 5, 2, 6), ("int4", 8, 1, 1), ("int8", 3, 0, 4),
+                                                   ("int4", 0, 4, 1)])
+def test_layered_attention_against_float64(fmt, window, sink, q_len):
+    """Query t reads exact the positions p <= t in (t - W, t] or below S that are held exact (the ring as
+    it was before this step, or this step's own tokens), the dequantized cache elsewhere."""
+    length, dtype, scale = 41, torch.float32, D ** -0.5
+    layout, transforms, cache, row, k = _setup(fmt, window, sink, length, dtype)
+    keys, values = torch.randn(length, H, D) * 2, torch.randn(length, H, D)
+    keys[0] *= 6  # an attention sink worth keeping exact
+    # the step's tokens go into the compressed cache before attention and into the ring after it
+    _store_in_chunks(cache, row, k, layout, transforms, keys, values, (length - q_len,), window, sink)
+    pos = torch.arange(length - q_len, length)
+    store(keys[pos], values[pos], cache, compressed_slot_mapping(row[None, :], torch.zeros_like(pos), pos, k, BS),
+          layout, transforms)
+    q = torch.randn(q_len, HQ, D)
+    out = torch.full((q_len, HQ, D), float("nan"))
+    first = length - q_len
+    layered_attention(q, keys[first:], values[first:], cache, row, k, length, window, sink, layout, transforms,
+                      scale, out)
+
+    k_hat, v_hat = _dequantized(cache, row, k, length, layout, transforms)
+    held = set(range(max(0, first - window), first)) | set(range(min(sink, first))) | set(range(first, length))
+    expected = torch.empty(q_len, HQ, D, dtype=torch.float64)
+    for i, t in enumerate(range(first, length)):
+        exact = torch.tensor([p in held and (p > t - window or p < sink) for p in range(length)])[:, None, None]
+        k_used, v_used = torch.where(exact, keys, k_hat), torch.where(exact, values, v_hat)
+        expected[i] = attention64(q[i:i + 1], k_used, v_used, torch.tensor([t]), scale)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-4, atol=2e-4)
+    # and the compressed part matters: the all-dequantized answer differs
+    plain = attention64(q, k_hat, v_hat, torch.arange(first, length), scale)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_exact_settings_are_checked():
+    shape = ModelShape(30, 3, 64)
+    assert parse({"format": "int4", "exact_window": 32, "exact_sink": 1}, shape).layered
+    assert not parse({"format": "int4"}, shape).layered
+    for bad in (-1, 1.5, True, "32"):
+        with pytest.raises(LowRankConfigError, match="exact_window"):
+            parse({"format": "int4", "exact_window": bad}, shape)
+
+
+def test_layered_cache_in_vllm(smollm2):
+    """In vLLM (CPU): the ring takes rotated int4's perplexity most of the way back to the uncompressed
+    one, and a layered cache with prefix caching on is refused with a message that says what to do."""
+    from vllm_lowrank.evaluation import FormatSpec, run_format
+    from vllm_lowrank.textdata import eval_windows
+    from transformers import AutoTokenizer
+
+    windows = eval_windows(AutoTokenizer.from_pretrained(str(smollm2)), 1, 512)
+    layered = {"format": "int4", "prefill_from_cache": True, "exact_window": 32, "exact_sink": 1}
+    chunked = dict(max_num_batched_tokens=64, enable_chunked_prefill=True)
+    runs = {name: run_format(smollm2, FormatSpec(name, settings), windows, kv_cache_memory_bytes=64 << 20, **kw)
+            for name, settings, kw in (("vllm", None, {}), ("int4", {"format": "int4", "prefill_from_cache": True}, {}),
+                                       ("layered", layered, {}), ("layered, chunks of 64", layered, chunked))}
+    cost = {name: runs[name].nll - runs["vllm"].nll for name in runs}
+    assert cost["int4"] > 0.01  # rotated int4 costs over 1% perplexity on this text
+    assert abs(cost["layered"]) < cost["int4"] / 3
+    # in chunks of 64 tokens, the window's older half and the sink come from the ring, not from the chunk
+    assert abs(cost["layered, chunks of 64"] - cost["layered"]) < 2e-3
+
+    with pytest.raises(Exception, match="prefix caching off"):
+        run_format(smollm2, FormatSpec("layered", {"format": "int4", "exact_window": 32}), windows,
+                   kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True)
+
+
+def test_block_table_rows_have_room_for_the_ring_with_mixed_page_sizes():
+    """A plan mixes page sizes, so vLLM groups the layers in a ``UniformTypeKVCacheSpecs``, whose row width
+    must count the ring blocks (the patch in ``patches/kv_cache_spec.py``)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    from vllm_lowrank.layered import LayeredAttentionSpec
+    from vllm_lowrank.patches import apply_all
+
+    apply_all()
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(decode_context_parallel_size=1))
+    specs = {f"model.layers.{i}.self_attn.attn": LayeredAttentionSpec(
+        block_size=BS, num_kv_heads=H, head_size=hs, head_size_v=hs, dtype=torch.uint8, ring_blocks=5)
+        for i, hs in enumerate((16, 36, 66))}
+    group = UniformTypeKVCacheSpecs.from_specs(specs)
+    assert group is not None
+    assert group.max_num_blocks_per_req(cfg, 1000) == -(-1000 // BS) + 5

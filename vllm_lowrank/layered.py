@@ -1,0 +1,194 @@
+"""A layered cache: each sequence's first S and last W tokens kept exact beside the compressed cache.
+
+In simulation (EVALUATION.md, "A recent window and the first token exact") this takes the 4x plan
+from +13% to +0.6% perplexity and rotated int4 from +2.8% to +0.3%. The exact tokens live in *ring
+blocks*: the first ``k`` entries of every block-table row, allocated with the request by
+:class:`LayeredAttentionManager` (registered for :class:`LayeredAttentionSpec` through vLLM's KV
+cache spec registry). The compressed block of position ``p`` is then row column ``k + p // block_size``,
+so the plugin builds its own slot mapping (vLLM's points into the ring). A ring block holds
+:func:`ring_tokens_per_block` exact tokens per KV head (K and V in the model dtype), on the same
+pages as the compressed ones: position ``p`` goes to ring index ``p % W`` and, if ``p < S``, also to
+``W + p``. Position ``p`` of a sequence of ``n`` tokens is held exact when ``p >= n - W`` or ``p < S``.
+
+Prefix caching must be off: ring blocks are per request and are not hashed, and after a prefix-cache
+hit the ring would lack the hit's tokens. (A recompute preemption starts again at position 0, so the
+ring is rewritten.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+
+def ring_tokens_per_block(block_size: int, slot_bytes: int, head_dim: int, model_dtype: torch.dtype) -> int:
+    """Exact tokens (K and V in ``model_dtype``) one ring block holds per KV head."""
+    return block_size * slot_bytes // (2 * head_dim * model_dtype.itemsize)
+
+
+def ring_blocks(window: int, sink: int, tokens_per_block: list[int]) -> int:
+    """Ring blocks per request: enough for ``window + sink`` exact tokens in every layer."""
+    if window + sink == 0:
+        return 0
+    if min(tokens_per_block) < 1:
+        raise ValueError("a ring block cannot hold one exact token with this format and block size")
+    return max(math.ceil((window + sink) / t) for t in tokens_per_block)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayeredAttentionSpec(FullAttentionSpec):
+    """A full-attention spec whose requests also hold ``ring_blocks`` blocks of exact tokens."""
+
+    ring_blocks: int = 0
+
+    @classmethod
+    def merge(cls, specs: list["LayeredAttentionSpec"]) -> "LayeredAttentionSpec":
+        rings = {s.ring_blocks for s in specs}
+        assert len(rings) == 1, f"layers of one KV cache group disagree on their ring blocks: {rings}"
+        return dataclasses.replace(super().merge(specs), ring_blocks=rings.pop())
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return super().max_memory_usage_bytes(vllm_config) + self.ring_blocks * self.page_size_bytes
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return super().max_num_blocks_per_req(vllm_config, max_len) + self.ring_blocks
+
+
+class LayeredAttentionManager(FullAttentionManager):
+    """Allocates each request's ring blocks first, with its first compressed block."""
+
+    def _ring_tokens(self) -> int:
+        return getattr(self.kv_cache_spec, "ring_blocks", 0) * self.block_size
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(request_id, num_tokens + self._ring_tokens(), *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        ring = self._ring_tokens()
+        return super().allocate_new_blocks(request_id, num_tokens + ring, num_tokens_main_model + ring)
+
+
+def register() -> None:
+    """Register the spec and its manager with vLLM (after vLLM's own, which register only into an
+    empty registry)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(LayeredAttentionSpec, LayeredAttentionManager,
+                                 uniform_type_base_spec=FullAttentionSpec)
+
+
+def compressed_slot_mapping(block_table: torch.Tensor, req_of_token: torch.Tensor, positions: torch.Tensor,
+                            ring: int, block_size: int) -> torch.Tensor:
+    """Slots of the new tokens in the compressed cache: column ``ring + p // block_size`` of their row."""
+    blocks = block_table[req_of_token.long(), ring + positions.long() // block_size]
+    return blocks.long() * block_size + positions.long() % block_size
+
+
+def ring_pages(kv_cache: torch.Tensor, head_dim: int, model_dtype: torch.dtype) -> torch.Tensor:
+    """The cache's pages as exact-token rows: [num_blocks, H, T, 2, head_dim] in ``model_dtype``."""
+    nb, h, bs, sb = kv_cache.shape
+    t = ring_tokens_per_block(bs, sb, head_dim, model_dtype)
+    used = t * 2 * head_dim * model_dtype.itemsize
+    return kv_cache.view(nb, h, bs * sb)[:, :, :used].view(model_dtype).view(nb, h, t, 2, head_dim)
+
+
+def ring_locations(block_table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+                   tokens_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ring block id, token within it) of ring index ``index`` of block-table row ``rows``."""
+    return block_table[rows.long(), index.long() // tokens_per_block].long(), index.long() % tokens_per_block
+
+
+def store_exact(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                req_of_token: torch.Tensor, positions: torch.Tensor, window: int, sink: int) -> None:
+    """Write new tokens' exact K/V [N, H, D] to ring index ``p % window`` and, if ``p < sink``, also to
+    ``window + p`` (``req_of_token`` [N]: each token's block-table row)."""
+    pages = ring_pages(kv_cache, key.shape[-1], key.dtype)
+    kv = torch.stack((key, value), dim=2)  # [N, H, 2, D]
+    heads = torch.arange(key.shape[1], device=key.device)
+    positions = positions.long()
+    targets = []
+    if window:  # only each request's last ``window`` new tokens: earlier ones would share their ring slots
+        rows = req_of_token.long()
+        last = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=key.device)
+        last = last.scatter_reduce(0, rows, positions, "amax")
+        recent = (positions > last[rows] - window).nonzero().flatten()
+        targets.append((recent, positions[recent] % window))
+    if sink:
+        first = (positions < sink).nonzero().flatten()
+        targets.append((first, window + positions[first]))
+    for sel, index in targets:
+        if sel.numel():
+            blk, tok = ring_locations(block_table, req_of_token[sel], index, pages.shape[2])
+            pages[blk[:, None], heads[None, :], tok[:, None]] = kv[sel]
+
+
+def read_exact(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int, window: int, sink: int,
+               head_dim: int, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions [P], K [P, H, D], V [P, H, D]) held in the ring once tokens ``0..length-1`` are stored:
+    the last ``window`` (ring index ``p % window``) and the first ``sink`` before them (``window + p``)."""
+    device = block_table_row.device
+    recent = torch.arange(max(0, length - window), length, device=device)
+    first = torch.arange(0, min(sink, max(0, length - window)), device=device)
+    positions = torch.cat((first, recent))
+    index = torch.cat((window + first, recent % window if window else recent))
+    pages = ring_pages(kv_cache, head_dim, model_dtype)
+    blk, tok = ring_locations(block_table_row[None, :], torch.zeros_like(index), index, pages.shape[2])
+    kv = pages[blk, :, tok]  # [P, H, 2, D]
+    return positions, kv[:, :, 0], kv[:, :, 1]
+
+
+
+
+def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      block_table_row: torch.Tensor, ring: int, length: int, window: int, sink: int,
+                      layout, transforms, scale: float, out: torch.Tensor) -> None:
+    """One request's new tokens [Q, Hq, D] attending over its ``length`` tokens, written into ``out``.
+
+    Called before the new tokens go into the ring (:func:`store_exact` after attention), so that a chunk
+    longer than the window still finds its predecessors' exact tokens there. Query ``t`` reads exact the
+    positions ``p <= t`` with ``p > t - window`` or ``p < sink`` that are held exact (in the ring, or
+    among this step's own tokens ``key``/``value`` [Q, H, D]); every other
+    position comes from the compressed cache. Scores against exact keys subtract the key offset, as the
+    compressed ones do; exact values enter as ``v - c_v``, the offset being added back once.
+    """
+    from .reference import request_latents
+
+    nq, hq, d = query.shape
+    h = kv_cache.shape[1]
+    group = hq // h
+    device = query.device
+    first = length - nq
+    k_lat, v_lat = request_latents(kv_cache, block_table_row[ring:], length, layout)  # [L, H, r]
+    held, k_ring, v_ring = read_exact(kv_cache, block_table_row[:ring], first, window, sink, d, key.dtype)
+    k_ex = torch.zeros(length, h, d, device=device, dtype=torch.float32)
+    v_ex = torch.zeros_like(k_ex)
+    is_held = torch.zeros(length, dtype=torch.bool, device=device)
+    k_ex[held], v_ex[held], is_held[held] = k_ring.float(), v_ring.float(), True
+    k_ex[first:], v_ex[first:], is_held[first:] = key.float(), value.float(), True
+    if transforms.k.offset is not None:
+        k_ex = k_ex - transforms.k.offset.float()
+    if transforms.v.offset is not None:
+        v_ex = v_ex - transforms.v.offset.float()
+
+    t = torch.arange(first, length, device=device)[:, None]  # [Q, 1]
+    p = torch.arange(length, device=device)[None, :]  # [1, L]
+    causal = p <= t
+    exact = causal & is_held[None, :] & ((p > t - window) | (p < sink))
+    compressed = causal & ~exact
+    q_lat = transforms.k.project_query(query, group)  # [Q, Hq, r_k]
+    k_lat_g = k_lat.repeat_interleave(group, dim=1)
+    v_lat_g = v_lat.repeat_interleave(group, dim=1)
+    s_c = torch.einsum("qhr,lhr->hql", q_lat.float(), k_lat_g) * scale
+    s_e = torch.einsum("qhd,lhd->hql", query.float(), k_ex.repeat_interleave(group, dim=1)) * scale
+    s = torch.where(exact[None], s_e, s_c).masked_fill(~causal[None], float("-inf"))
+    w = torch.softmax(s, dim=-1)
+    w_c = w.masked_fill(~compressed[None], 0.0)
+    w_e = w.masked_fill(~exact[None], 0.0)
+    o_lat = torch.einsum("hql,lhr->qhr", w_c, v_lat_g)
+    o_ex = torch.einsum("hql,lhd->qhd", w_e, v_ex.repeat_interleave(group, dim=1))
+    out[:] = (transforms.v.reconstruct(o_lat, group) + o_ex).to(out.dtype)
