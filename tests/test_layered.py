@@ -157,3 +157,29 @@ def test_block_table_rows_have_room_for_the_ring_with_mixed_page_sizes():
     group = UniformTypeKVCacheSpecs.from_specs(specs)
     assert group is not None
     assert group.max_num_blocks_per_req(cfg, 1000) == -(-1000 // BS) + 5
+
+
+def test_decode_reads_the_ring(smollm2):
+    """Greedy decoding (float32) with rotated int4 and a window longer than every sequence: all attention
+    reads the ring, so the tokens equal vLLM's uncompressed ones (up to near-ties), under preemption
+    (recomputed requests rewrite their ring); plain int4 does not, so the comparison can fail."""
+    from test_vllm_e2e import PROMPTS, _assert_same_greedy, _counter, _greedy
+
+    from conftest import vllm_engine
+
+    prompts = PROMPTS[:8]
+    # 311 int4 blocks: a layered request holds 49 ring blocks (2 exact float32 tokens a block) and grows from 1 to
+    # 4 blocks of its own, so the 6 admitted outgrow the cache
+    engine = dict(kv_cache_memory_bytes=700 * 30 * 3 * 64 * 2 * 4, max_num_seqs=8, enable_prefix_caching=False,
+                  max_model_len=256)
+    outputs, preemptions = {}, {}
+    for name, backend in (("vllm", {}), ("int4", {"format": "int4"}),
+                          ("layered", {"format": "int4", "exact_window": 96, "exact_sink": 1})):
+        extra = {"attention_backend": "lowrank", "additional_config": {"lowrank": backend}} if backend else {}
+        with vllm_engine(smollm2, **extra, **engine) as llm:
+            outputs[name] = llm.generate(prompts, _greedy(48))
+            preemptions[name] = _counter(llm, "vllm:num_preemptions")
+    assert preemptions["layered"] > 0, "the layered batch was not preempted"
+    _assert_same_greedy(outputs["vllm"], outputs["layered"], "int4 with every token in the exact window")
+    assert any(list(a.outputs[0].token_ids) != list(b.outputs[0].token_ids)
+               for a, b in zip(outputs["vllm"], outputs["int4"])), "plain int4 matched: the test proves nothing"
