@@ -183,3 +183,9 @@ def test_decode_reads_the_ring(smollm2):
     _assert_same_greedy(outputs["vllm"], outputs["layered"], "int4 with every token in the exact window")
     assert any(list(a.outputs[0].token_ids) != list(b.outputs[0].token_ids)
                for a, b in zip(outputs["vllm"], outputs["int4"])), "plain int4 matched: the test proves nothing"
+
+
+def test_a_block_too_small_for_one_exact_token_is_refused():
+    assert ring_blocks(32, 1, [4, 1]) == 33 and ring_blocks(0, 0, [0]) == 0
+    with pytest.raises(LowRankConfigError, match="block-size"):
+        ring_blocks(32, 1, [4, 0])
