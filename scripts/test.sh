@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# -P: the checkout's folder triton_kernels/ must not shadow OpenAI's package of that name, which vLLM probes
+exec .venv/bin/python -P -m pytest -q -p no:cacheprovider "$@"

@@ -141,8 +141,7 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
         n, k = md.num_actual_tokens, self.ring
         q_lens = md.query_start_loc[1:md.num_reqs + 1] - md.query_start_loc[:md.num_reqs]
         req = torch.repeat_interleave(torch.arange(md.num_reqs, device=q_lens.device), q_lens)[:n]
-        positions = md.positions[:n] if md.positions is not None else (
-            md.seq_lens[req] - q_lens[req] + torch.arange(n, device=req.device) - md.query_start_loc[req])
+        positions = md.positions[:n]
         slots = torch.full_like(md.slot_mapping, -1)
         slots[:n] = compressed_slot_mapping(md.block_table, req, positions, k, self.kv_cache_spec.block_size)
         md.ring, md.ring_table, md.req_of_token = k, md.block_table[:, :k], req
@@ -187,9 +186,6 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                                            self.head_size, self.vllm_config, device)
             logger.info_once("lowrank attention on %s runs %s", device.type,
                              "the PyTorch path" if _ops(device) is reference else "the Triton kernels")
-            if self.config.layered and _ops(device) is not reference:  # checks.check_layered refuses it first
-                raise LowRankConfigError("exact_window/exact_sink (a layered cache) run on the PyTorch path "
-                                         "only: the Triton kernels do not read the exact ring yet")
         return self.state
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,

@@ -24,6 +24,9 @@ import torch
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from .formats import SlotLayout
+from .transforms import LayerTransforms
+
 
 def ring_tokens_per_block(block_size: int, slot_bytes: int, head_dim: int, model_dtype: torch.dtype) -> int:
     """Exact tokens (K and V in ``model_dtype``) one ring block holds per KV head."""
@@ -149,7 +152,7 @@ def read_exact(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: in
 
 def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                       block_table_row: torch.Tensor, ring: int, length: int, window: int, sink: int,
-                      layout, transforms, scale: float, out: torch.Tensor) -> None:
+                      layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor) -> None:
     """One request's new tokens [Q, Hq, D] attending over its ``length`` tokens, written into ``out``.
 
     Called before the new tokens go into the ring (:func:`store_exact` after attention), so that a chunk

@@ -13,9 +13,8 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from vllm_lowrank.backend import BACKEND_PATH
-    from vllm_lowrank.patches import apply_all
-
     from vllm_lowrank.layered import register as register_layered_spec
+    from vllm_lowrank.patches import apply_all
 
     apply_all()
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)

@@ -1,6 +1,7 @@
-"""Simulation check behind EVALUATION.md's rank-62 table: one or two basis directions dropped (2 windows).
+"""Simulation check behind EVALUATION.md's rank-62 table: one or two basis directions dropped (2 windows),
+after the share of energy in the last one and two directions (layers 5 and 15, per KV head).
 
-    python benchmarks/cpu-2x-2026-11-29/r62_sim.py   # needs out/smollm2-135m-full-smooth.safetensors
+    python -P benchmarks/cpu-2x-2026-11-29/r62_sim.py   # needs out/smollm2-135m-full-smooth.safetensors
 """
 import math
 
@@ -14,6 +15,11 @@ torch.set_num_threads(2)
 model = smollm2(); tok = AutoTokenizer.from_pretrained(str(model))
 sim = simulate.Simulator(model); sim.prepare(eval_windows(tok, 2, 1024)); ref = sim.reference()
 B = BasisFile.load("out/smollm2-135m-full-smooth.safetensors")
+for layer in (5, 15):
+    for t in "kv":
+        e = B.eigenvalues[t][layer]
+        print(f"layer {layer} {t}: last two {[f'{x:.4f}' for x in (e[:, -2:].sum(1) / e.sum(1)).tolist()]}, "
+              f"last one {[f'{x:.4f}' for x in (e[:, -1] / e.sum(1)).tolist()]}", flush=True)
 n = sim.num_layers
 for k, v, smooth in [("int8","int8",True), ("r64+int8","r64+int8",True), ("r62+int8","int8",True), ("int8","r62+int8",True),
                      ("r62+int8","int8",False), ("r64+int8","int8",False), ("r63+int8","int8",False)]:
