@@ -453,7 +453,7 @@ def tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, w0, mask,
 
 
 @triton.jit
-def attend_tile(t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
+def attend_tile(t0, begin, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
                 q_a, q_b, q_sum, qk_row,
                 K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
                 K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
@@ -465,18 +465,20 @@ def attend_tile(t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, 
     """One step of the attention loop over the tile of cached tokens ``t0 .. t0 + BLOCK_N``: scores,
     online softmax, values. Returns the updated ``(m_i, l_i, acc_a, acc_b, acc_z)``.
 
-    ``MASKED``: the tile may reach past ``end`` (or, if ``CAUSAL``, past a row's position ``pos`` [M]);
-    the loops run their other tiles unmasked, which keeps every predicate out of the hot loop.
+    ``MASKED``: the tile may reach past ``end`` or start before ``begin`` (or, if ``CAUSAL``, reach past a
+    row's position ``pos`` [M]); the loops run their other tiles unmasked, which keeps every predicate
+    out of the hot loop.
     """
     page, w0, mask = tile_pages(bt_row, t0, end, stride_blk, head_off, BLOCK_SIZE, BLOCK_N, TILE_B, MASKED)
     s = tile_scores(cache_ptr, page, w0, mask, q_a, q_b, q_sum, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF,
                     K_ZERO_OFF, K_T, RK, RK_TILE, TILE_B, BLOCK_SIZE, MODEL_DTYPE, QK_DTYPE, UPCAST) * qk_row[:, None]
     if MASKED:
         tok = t0 + tl.arange(0, BLOCK_N)
+        inside = (tok < end) & (tok >= begin)
         if CAUSAL:
-            s = tl.where((tok < end)[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
+            s = tl.where(inside[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
         else:
-            s = tl.where((tok < end)[None, :], s, float("-inf"))
+            s = tl.where(inside[None, :], s, float("-inf"))
     p, m_i, l_i, acc_a, acc_b, acc_z = softmax_step(s, m_i, l_i, acc_a, acc_b, acc_z, V_STORAGE)
     acc_a, acc_b, acc_z = tile_pv(p, acc_a, acc_b, acc_z, cache_ptr, page, w0, mask, V_STORAGE, V_OFF, V_BYTES,
                                   V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, TILE_B, BLOCK_SIZE, MODEL_DTYPE,
@@ -487,8 +489,10 @@ def attend_tile(t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, 
 @triton.jit
 def store_output(o_a, o_b, out_rows, row_mask, basis_ptr, offset_ptr, h,
                  RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
-                 SPLIT_HALVES: tl.constexpr, HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr):
-    """Rebuild ``o = P_v o_lat + c_v`` for [M] rows and store it at row pointers ``out_rows``.
+                 SPLIT_HALVES: tl.constexpr, HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 extra=None, HAS_EXTRA: tl.constexpr = False):
+    """Rebuild ``o = P_v o_lat + c_v`` (plus ``extra`` [M, D_TILE] if ``HAS_EXTRA``) for [M] rows and
+    store it at row pointers ``out_rows``.
 
     ``o_a`` [M, RV_TILE] float32 holds the latent output (its even channels when ``SPLIT_HALVES``,
     with ``o_b`` the odd ones). ``basis_ptr``: P_v [H, D, RV] float32; ``offset_ptr``: c_v [H, D].
@@ -511,12 +515,16 @@ def store_output(o_a, o_b, out_rows, row_mask, basis_ptr, offset_ptr, h,
             o = tl.dot(o_b, pt_b, o, input_precision="ieee")
         if HAS_OFFSET:
             o += tl.load(offset_ptr + h * D + d, mask=d < D, other=0.0)[None, :]
+        if HAS_EXTRA:
+            o += extra
         tl.store(out_rows[:, None] + d[None, :], o.to(out_rows.dtype.element_ty),
                  mask=row_mask[:, None] & (d[None, :] < D))
     else:  # identity transform: RV == D
         o_a_out = o_a
         if HAS_OFFSET:
             o_a_out += tl.load(offset_ptr + h * D + ch_a, mask=ch_a < D, other=0.0)[None, :]
+        if HAS_EXTRA:  # not with SPLIT_HALVES: RV_TILE == D_TILE here
+            o_a_out += extra
         tl.store(out_rows[:, None] + ch_a[None, :], o_a_out.to(out_rows.dtype.element_ty),
                  mask=row_mask[:, None] & (ch_a[None, :] < D))
         if SPLIT_HALVES:

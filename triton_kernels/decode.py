@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.formats import SlotLayout
+from vllm_lowrank.formats import SlotLayout, ring_tokens_per_block
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
+from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
                      layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot, project_queries,
                      store_output, tile_pages, tile_scales, to_dot, transform_args)
 
@@ -37,7 +37,7 @@ from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot
 
 
 @triton.jit
-def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
+def _attend_tile_t(t0, begin, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_blk, head_off,
                    qt_a, qt_b, q_sum, qk_row,
                    K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
                    K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
@@ -65,7 +65,8 @@ def _attend_tile_t(t0, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, st
         s += tile_scales(cache_ptr, page, w0, mask, K_ZERO_OFF, TILE_B, BLOCK_SIZE)[:, None] * q_sum[None, :]
     s = s * qk_row[None, :]
     if MASKED:
-        s = tl.where((t0 + tl.arange(0, BLOCK_N) < end)[:, None], s, float("-inf"))
+        tok = t0 + tl.arange(0, BLOCK_N)
+        s = tl.where(((tok < end) & (tok >= begin))[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[None, :])
@@ -121,6 +122,7 @@ def _decode_split_kernel(
     V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     TOKEN_ROWS: tl.constexpr,  # tokens as the dots' M rows (_attend_tile_t), else the query group
+    RING_W: tl.constexpr, RING_S: tl.constexpr,  # layered cache: last RING_W and first RING_S tokens exact
 ):
     """Partial attention of one request's query group over one split of its cached tokens."""
     b = tl.program_id(0)
@@ -129,9 +131,20 @@ def _decode_split_kernel(
     num_q_heads = tl.num_programs(1) * G
 
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    if RING_W + RING_S > 0:  # layered cache: the compressed positions are [lo, hi), the rest are exact
+        hi = tl.maximum(seq_len - RING_W, 0)
+        lo = tl.minimum(hi, RING_S)
+        lo_al = lo // BLOCK_N * BLOCK_N
+        some = hi > lo
+        lo = tl.where(some, lo, lo_al)  # nothing compressed: an empty range
+        hi = tl.where(some, hi, lo_al)
+    else:
+        lo = 0
+        lo_al = 0
+        hi = seq_len
+    per_split = tl.cdiv(tl.cdiv(hi - lo_al, num_splits), BLOCK_N) * BLOCK_N
+    start = lo_al + split * per_split
+    end = tl.minimum(start + per_split, hi)
 
     g = tl.arange(0, G_TILE)
     g_mask = g < G
@@ -144,21 +157,29 @@ def _decode_split_kernel(
     acc_z = tl.zeros((G_TILE,), dtype=tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * STRIDE_CHEAD
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before it lie inside the request
     if TOKEN_ROWS:
         qt_a = tl.trans(q_a)
         qt_b = tl.trans(q_b)
         acc_ta = tl.zeros((RV_TILE, G_TILE), dtype=tl.float32)
         acc_tb = tl.zeros((RV_TILE, G_TILE), dtype=tl.float32)
+        if RING_W + RING_S > 0:
+            if start < lo:  # the exact sink's tile (split 0 of a layered cache only)
+                m_i, l_i, acc_ta, acc_tb, acc_z = _attend_tile_t(
+                    start, lo, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a,
+                    qt_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
+                    V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
+                    MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True)
+                start += BLOCK_N
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before it lie inside
         for t0 in range(start, full_end, BLOCK_N):
             m_i, l_i, acc_ta, acc_tb, acc_z = _attend_tile_t(
-                t0, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a, qt_b,
+                t0, 0, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a, qt_b,
                 q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
                 V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
                 QK_DTYPE, PV_DTYPE, UPCAST, False)
         if full_end < end:
             m_i, l_i, acc_ta, acc_tb, acc_z = _attend_tile_t(
-                full_end, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a,
+                full_end, 0, end, m_i, l_i, acc_ta, acc_tb, acc_z, cache_ptr, bt_row, stride_cblk, head_off, qt_a,
                 qt_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
                 V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
                 MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True)
@@ -167,15 +188,24 @@ def _decode_split_kernel(
     else:
         acc_a = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
         acc_b = tl.zeros((G_TILE, RV_TILE), dtype=tl.float32)
+        if RING_W + RING_S > 0:
+            if start < lo:  # the exact sink's tile (split 0 of a layered cache only)
+                m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
+                    start, lo, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a,
+                    q_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
+                    V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
+                    MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True, False)
+                start += BLOCK_N
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before it lie inside
         for t0 in range(start, full_end, BLOCK_N):
             m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-                t0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                t0, 0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
                 q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
                 V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
                 QK_DTYPE, PV_DTYPE, UPCAST, False, False)  # pos (m_i here) is unused without CAUSAL
         if full_end < end:
             m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-                full_end, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a,
+                full_end, 0, end, m_i, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a,
                 q_b, q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
                 V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B,
                 MODEL_DTYPE, QK_DTYPE, PV_DTYPE, UPCAST, True, False)
@@ -195,17 +225,79 @@ def _decode_split_kernel(
         tl.store(o_rows[:, None] + c[None, :], acc_a * inv_l[:, None], mask=g_mask[:, None] & (c[None, :] < RV))
 
 
+@triton.jit
+def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, h, qk_scale,
+                RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+                D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+                HAS_K_OFFSET: tl.constexpr):
+    """Attention of a query group over the exact tokens of its request's ring, the one split in model space.
+
+    A request of ``seq_len`` tokens (the new one already in the ring) holds exact its positions
+    ``[seq_len - RING_W, seq_len)`` at ring index ``p % RING_W`` and ``[0, RING_S)`` at ``RING_W + p``,
+    the latter only where the window does not cover them. Ring index ``j`` lives in ring block
+    ``ring_row[j // RING_T]``, token ``j % RING_T``, as K then V rows of ``D`` model-dtype elements.
+    Scores are ``q . (k - c_k)``, as the compressed ones approximate. Float32 (IEEE) dots: the ring is a
+    few dozen tokens. Returns ``(lse, o)``: log2-sum-exp [G_TILE] (-inf if empty) and the normalised
+    ``sum_j p_j v_j`` [G_TILE, D_TILE].
+    """
+    d = tl.arange(0, D_TILE)
+    d_mask = d < D
+    q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_K_OFFSET:
+        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
+    else:
+        qc = tl.zeros((G_TILE,), dtype=tl.float32)
+    m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G_TILE,), dtype=tl.float32)
+    acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
+    recent = seq_len - RING_W  # the window's first position (may be negative)
+    for j0 in range(0, RING_W + RING_S, RING_N):
+        j = j0 + tl.arange(0, RING_N)
+        if RING_W > 0:
+            p = recent + ((j - recent) % RING_W + RING_W) % RING_W
+            valid = tl.where(j < RING_W, p >= 0, (j - RING_W < RING_S) & (j - RING_W < recent))
+        else:
+            valid = (j < RING_S) & (j < seq_len)
+        blk = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64)
+        rows = (cache_ptr + blk * stride_cblk + head_off).to(tl.pointer_type(MODEL_DTYPE)) + (j % RING_T) * (2 * D)
+        m2 = valid[:, None] & d_mask[None, :]
+        k = tl.load(rows[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(rows[:, None] + D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") - qc[:, None]) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+    return lse, acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     out_ptr, stride_ob, stride_oh,  # [B, Hq, D] model dtype
     basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
     num_splits,
+    q_ptr, stride_qb, stride_qh,  # raw queries [B, Hq, D] (model dtype): the ring's split
+    cache_ptr, stride_cblk, STRIDE_CHEAD: tl.constexpr,  # the cache, as in the split kernel
+    ring_ptr, stride_rb,  # int32 [B, ring blocks]: each request's ring
+    seq_lens_ptr,  # int32 [B]
+    k_offset_ptr,  # c_k [H, D] float32
+    qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, G_TILE: tl.constexpr,
     RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+    MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr,
 ):
-    """Merge the splits of one request's query group by log-sum-exp and write ``P_v o_lat + c_v``."""
+    """Merge the splits of one request's query group by log-sum-exp and write ``P_v o_lat + c_v``.
+
+    With a layered cache (``RING_W + RING_S > 0``) the ring's exact tokens are one more split, in model
+    space: its share ``w`` of the softmax adds ``w (o_ring - c_v)`` to the rebuilt output."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_q_heads = tl.num_programs(1) * G
@@ -214,7 +306,15 @@ def _decode_merge_kernel(
     c = tl.arange(0, RV_TILE)
     part0 = (b * num_q_heads + h * G + g).to(tl.int64) * num_splits
 
+    HAS_RING: tl.constexpr = RING_W + RING_S > 0
     lse_max = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
+    if HAS_RING:
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
+        lse_ring, o_ring = _ring_split(q_rows, g_mask, cache_ptr, ring_ptr + b.to(tl.int64) * stride_rb,
+                                       stride_cblk, h.to(tl.int64) * STRIDE_CHEAD, tl.load(seq_lens_ptr + b),
+                                       k_offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N, D, D_TILE,
+                                       G_TILE, MODEL_DTYPE, HAS_K_OFFSET)
+        lse_max = lse_ring
     for s in range(num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # an empty request writes zeros
@@ -226,10 +326,22 @@ def _decode_merge_kernel(
                       mask=g_mask[:, None] & (c[None, :] < RV), other=0.0)
         o += w[:, None] * o_s
         den += w
-    o = o / tl.where(den > 0, den, 1.0)[:, None]
+    if HAS_RING:
+        w_ring = tl.exp2(lse_ring - lse_max)
+        den += w_ring
+        den = tl.where(den > 0, den, 1.0)
+        extra = o_ring
+        if HAS_OFFSET:
+            d = tl.arange(0, D_TILE)
+            extra -= tl.load(offset_ptr + h * D + d, mask=d < D, other=0.0)[None, :]
+        extra = extra * (w_ring / den)[:, None]
+    else:
+        den = tl.where(den > 0, den, 1.0)
+        extra = o  # unused
+    o = o / den[:, None]
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh
     store_output(o, o, out_rows, g_mask, basis_ptr, offset_ptr, h, RV, RV_TILE, D, D_TILE, False, HAS_BASIS,
-                 HAS_OFFSET)
+                 HAS_OFFSET, extra, HAS_RING)
 
 
 # tokens per tile: the H200 tile sweep's choice, with 4 warps (benchmarks/h200-2026-11-29c/bench_kernels.log)
@@ -282,7 +394,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
                      block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                     token_rows: bool | None = None) -> None:
+                     token_rows: bool | None = None, ring_table: torch.Tensor | None = None, window: int = 0,
+                     sink: int = 0) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
@@ -291,6 +404,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     if None). ``token_rows``: the orientation with cached tokens as the dots' rows (the
     query group padded to 8 instead of 16); None: :func:`default_token_rows`. Same
     result as :func:`vllm_lowrank.reference.decode_attention`.
+
+    Layered cache: ``ring_table`` int32 [B, ring blocks] holds each request's ring (its new token already
+    written there, :func:`vllm_lowrank.kernels.store_ring`); the last ``window`` and first ``sink``
+    positions are then read exact from it and only the others compressed (``block_table`` without the
+    ring columns), as :func:`vllm_lowrank.layered.layered_attention` does for one query.
     """
     batch, hq, d = query.shape
     if batch == 0:
@@ -313,6 +431,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     part_o = workspace[:batch * hq * num_splits * rv]
     part_lse = workspace[batch * hq * num_splits * rv:need]
 
+    if ring_table is None:
+        window = sink = 0
+        ring_table = seq_lens  # unused
+    assert ring_table.stride(-1) == 1 and query.stride(-1) == 1
+
     q = project_queries(query, transforms.k, h)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -323,10 +446,16 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
         G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
         **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), TOKEN_ROWS=token_rows,
-        num_warps=num_warps, num_stages=num_stages)
+        RING_W=window, RING_S=sink, num_warps=num_warps, num_stages=num_stages)
 
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
+    k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
+    ring_t = max(1, ring_tokens_per_block(block_size, layout.slot_bytes, d, query.dtype))
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
+        query, query.stride(0), query.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        ring_table, ring_table.stride(0), seq_lens, k_offset, scale * LOG2E,
         G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
-        D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, num_warps=4)
+        D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
+        RING_W=window, RING_S=sink, RING_T=ring_t, RING_N=16, MODEL_DTYPE=TORCH_TO_TL[query.dtype],
+        HAS_K_OFFSET=transforms.k.offset is not None, num_warps=4)

@@ -77,13 +77,13 @@ def _prefill_kernel(
         free_end = (seq_len - q_len + first + 1) // BLOCK_N * BLOCK_N
         for t0 in range(0, free_end, BLOCK_N):
             m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-                t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                t0, 0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
                 q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
                 V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
                 QK_DTYPE, PV_DTYPE, UPCAST, False, True)
         for t0 in range(free_end, end, BLOCK_N):
             m_i, l_i, acc_a, acc_b, acc_z = attend_tile(
-                t0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
+                t0, 0, end, pos, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_row, stride_cblk, head_off, q_a, q_b,
                 q_sum, qk_row, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, V_STORAGE,
                 V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, BLOCK_N, TILE_B, MODEL_DTYPE,
                 QK_DTYPE, PV_DTYPE, UPCAST, True, True)

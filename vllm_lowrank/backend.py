@@ -110,6 +110,10 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: per-layer specs
         self.ring = getattr(next(iter(specs.values())) if specs else kv_cache_spec, "ring_blocks", 0)
+        # layered cache: our slot mapping and each token's request, in buffers that keep their address
+        # from step to step (a CUDA graph replays its kernels on the captured pointers)
+        self._slots = torch.empty(0, dtype=torch.long, device=device)
+        self._req = torch.empty(0, dtype=torch.int32, device=device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> LowRankMetadata:
         md = self.build(0, common_attn_metadata)
@@ -138,12 +142,18 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
         tokens recomputed (vLLM's slot mapping counts the ring blocks as the first positions' blocks)."""
         from .layered import compressed_slot_mapping
 
-        n, k = md.num_actual_tokens, self.ring
-        q_lens = md.query_start_loc[1:md.num_reqs + 1] - md.query_start_loc[:md.num_reqs]
-        req = torch.repeat_interleave(torch.arange(md.num_reqs, device=q_lens.device), q_lens)[:n]
+        n, k, total = md.num_actual_tokens, self.ring, md.slot_mapping.shape[0]
+        if self._slots.shape[0] < total:
+            self._slots = torch.empty(total, dtype=torch.long, device=md.slot_mapping.device)
+            self._req = torch.empty(total, dtype=torch.int32, device=md.slot_mapping.device)
+        slots, req = self._slots[:total], self._req[:total]
+        token = torch.arange(n, device=md.query_start_loc.device, dtype=md.query_start_loc.dtype)
+        req_n = torch.searchsorted(md.query_start_loc[1:md.num_reqs + 1], token, right=True)  # no host sync
         positions = md.positions[:n]
-        slots = torch.full_like(md.slot_mapping, -1)
-        slots[:n] = compressed_slot_mapping(md.block_table, req, positions, k, self.kv_cache_spec.block_size)
+        slots.fill_(-1)
+        slots[:n] = compressed_slot_mapping(md.block_table, req_n, positions, k, self.kv_cache_spec.block_size)
+        req.fill_(-1)
+        req[:n] = req_n
         md.ring, md.ring_table, md.req_of_token = k, md.block_table[:, :k], req
         md.block_table, md.slot_mapping, md.positions = md.block_table[:, k:], slots, positions
         return md
@@ -211,9 +221,9 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         if md is None:
             return
         n = md.num_actual_tokens
-        reference.store(key[:n].view(n, self.num_kv_heads, self.head_size),
-                        value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, md.slot_mapping,
-                        st.layout, st.transforms)
+        _ops(key.device).store(key[:n].view(n, self.num_kv_heads, self.head_size),
+                               value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, md.slot_mapping[:n],
+                               st.layout, st.transforms)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: LowRankMetadata | None, output: torch.Tensor,
@@ -250,13 +260,42 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
 
     def _layered(self, md: LowRankMetadata, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
-        """Every request through :func:`vllm_lowrank.layered.layered_attention`, except a prompt's first
-        chunk without ``prefill_from_cache``, which attends to its own exact K/V as usual; then the new
-        tokens go into the ring."""
-        from .layered import layered_attention, store_exact
+        """A layered cache. With the Triton kernels, decodes write their token into the ring and then run
+        the decode kernel, which reads the ring as one more split (no host sync: CUDA-graph safe);
+        longer chunks go through :meth:`_layered_requests` and are written into the ring after it. On
+        the PyTorch path every request goes through :meth:`_layered_requests`."""
+        n, nd, ndt = md.num_actual_tokens, md.num_decodes, md.num_decode_tokens
+        w, s = self.config.exact_window, self.config.exact_sink
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        if _ops(q.device) is reference:
+            from .layered import store_exact
+
+            self._layered_requests(md, range(md.num_reqs), q, key, value, kv_cache, st, out)
+            store_exact(k, v, kv_cache, md.ring_table, md.req_of_token[:n], md.positions[:n], w, s)
+            return
+        from . import kernels
+
+        if nd:
+            kernels.store_ring(k[:ndt], v[:ndt], kv_cache, md.ring_table, md.req_of_token[:ndt], md.positions[:ndt],
+                               md.seq_lens, w, s)
+            kernels.decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd], st.layout,
+                                     st.transforms, self.scale, out[:ndt], ring_table=md.ring_table[:nd], window=w,
+                                     sink=s)
+        if md.num_reqs > nd:
+            self._layered_requests(md, range(nd, md.num_reqs), q, key, value, kv_cache, st, out)
+            kernels.store_ring(k[ndt:n], v[ndt:n], kv_cache, md.ring_table, md.req_of_token[ndt:n],
+                               md.positions[ndt:n], md.seq_lens, w, s)
+
+    def _layered_requests(self, md: LowRankMetadata, requests: range, q: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
+        """Requests through :func:`vllm_lowrank.layered.layered_attention` (before their tokens enter the
+        ring), except a prompt's first chunk without ``prefill_from_cache``, which attends to its own
+        exact K/V as usual."""
+        from .layered import layered_attention
 
         qsl, seq_lens = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
-        for i in range(md.num_reqs):
+        for i in requests:
             q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
             if q1 <= q0:
                 continue
@@ -268,10 +307,6 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
                               value[q0:q1].view(-1, self.num_kv_heads, self.head_size), kv_cache, row, md.ring,
                               length, self.config.exact_window, self.config.exact_sink, st.layout,
                               st.transforms, self.scale, out[q0:q1])
-        n = md.num_actual_tokens
-        store_exact(key[:n].view(n, self.num_kv_heads, self.head_size),
-                    value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, md.ring_table,
-                    md.req_of_token, md.positions[:n], self.config.exact_window, self.config.exact_sink)
 
     def _compile_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, md: LowRankMetadata,
                          st: LayerState) -> None:

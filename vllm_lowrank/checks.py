@@ -77,14 +77,10 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
 
 
 def check_layered(vllm_config: VllmConfig, cfg) -> None:
-    """A layered cache (``exact_window``/``exact_sink``) needs prefix caching off and the PyTorch path."""
+    """A layered cache (``exact_window``/``exact_sink``) needs prefix caching off: its rings are per request
+    and a prefix-cache hit would find its tokens missing from the ring."""
     if not cfg.layered:
         return
     if vllm_config.cache_config.enable_prefix_caching:
         raise LowRankConfigError("exact_window/exact_sink (a layered cache) need prefix caching off: pass "
                                  "--no-enable-prefix-caching (LLM(..., enable_prefix_caching=False))")
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cuda_alike():
-        raise LowRankConfigError("exact_window/exact_sink (a layered cache) run on the PyTorch (CPU) path only "
-                                 "for now: the Triton kernels do not read the exact ring yet")

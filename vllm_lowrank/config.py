@@ -25,7 +25,8 @@ Keys (all optional):
 - ``exact_window``, ``exact_sink``: a layered cache (:mod:`vllm_lowrank.layered`): each sequence's last
   ``exact_window`` tokens and its first ``exact_sink`` tokens are also kept exact, in ring blocks at the
   front of its block-table row, and attention reads them exact (default 0 and 0: off). Needs prefix
-  caching off; the PyTorch path only for now (the Triton kernels do not read the ring yet).
+  caching off. On CUDA, decode runs the Triton kernels (the ring is one more split); continuation
+  chunks and ``prefill_from_cache`` prompts run the PyTorch path per request.
 - ``calibrate``: accumulate per-layer statistics of Q, K (post- and pre-RoPE) and V for calibration
   (see :mod:`vllm_lowrank.calibration`; default false).
 """

@@ -254,6 +254,13 @@ def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, slot_bytes:
     return (num_blocks, num_kv_heads, block_size, slot_bytes)
 
 
+def ring_tokens_per_block(block_size: int, slot_bytes: int, head_dim: int, model_dtype: torch.dtype) -> int:
+    """Exact tokens one page holds as a layered cache's ring (:mod:`vllm_lowrank.layered`): token ``t``
+    of the page is K then V, ``head_dim`` elements of ``model_dtype`` each, from page byte
+    ``t * 2 * head_dim * itemsize``."""
+    return block_size * slot_bytes // (2 * head_dim * _itemsize(model_dtype))
+
+
 def preset_format(name: str, rank_k: int | None = None, rank_v: int | None = None) -> LayerFormat:
     """The layer format of a named preset (``lowrank*`` presets need ranks)."""
     key = name.strip().lower()

@@ -24,13 +24,8 @@ import torch
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from .formats import SlotLayout
+from .formats import SlotLayout, ring_tokens_per_block
 from .transforms import LayerTransforms
-
-
-def ring_tokens_per_block(block_size: int, slot_bytes: int, head_dim: int, model_dtype: torch.dtype) -> int:
-    """Exact tokens (K and V in ``model_dtype``) one ring block holds per KV head."""
-    return block_size * slot_bytes // (2 * head_dim * model_dtype.itemsize)
 
 
 def ring_blocks(window: int, sink: int, tokens_per_block: list[int]) -> int:
@@ -113,6 +108,8 @@ def store_exact(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, 
                 req_of_token: torch.Tensor, positions: torch.Tensor, window: int, sink: int) -> None:
     """Write new tokens' exact K/V [N, H, D] to ring index ``p % window`` and, if ``p < sink``, also to
     ``window + p`` (``req_of_token`` [N]: each token's block-table row)."""
+    if key.shape[0] == 0:
+        return
     pages = ring_pages(kv_cache, key.shape[-1], key.dtype)
     kv = torch.stack((key, value), dim=2)  # [N, H, 2, D]
     heads = torch.arange(key.shape[1], device=key.device)
@@ -150,6 +147,9 @@ def read_exact(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: in
 
 
 
+_SCORES_PER_BLOCK = 1 << 25  # float32 scores of one query block in layered_attention (128 MiB a tensor)
+
+
 def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                       block_table_row: torch.Tensor, ring: int, length: int, window: int, sink: int,
                       layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor) -> None:
@@ -181,20 +181,23 @@ def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if transforms.v.offset is not None:
         v_ex = v_ex - transforms.v.offset.float()
 
-    t = torch.arange(first, length, device=device)[:, None]  # [Q, 1]
-    p = torch.arange(length, device=device)[None, :]  # [1, L]
-    causal = p <= t
-    exact = causal & is_held[None, :] & ((p > t - window) | (p < sink))
-    compressed = causal & ~exact
     q_lat = transforms.k.project_query(query, group)  # [Q, Hq, r_k]
     k_lat_g = k_lat.repeat_interleave(group, dim=1)
     v_lat_g = v_lat.repeat_interleave(group, dim=1)
-    s_c = torch.einsum("qhr,lhr->hql", q_lat.float(), k_lat_g) * scale
-    s_e = torch.einsum("qhd,lhd->hql", query.float(), k_ex.repeat_interleave(group, dim=1)) * scale
-    s = torch.where(exact[None], s_e, s_c).masked_fill(~causal[None], float("-inf"))
-    w = torch.softmax(s, dim=-1)
-    w_c = w.masked_fill(~compressed[None], 0.0)
-    w_e = w.masked_fill(~exact[None], 0.0)
-    o_lat = torch.einsum("hql,lhr->qhr", w_c, v_lat_g)
-    o_ex = torch.einsum("hql,lhd->qhd", w_e, v_ex.repeat_interleave(group, dim=1))
-    out[:] = (transforms.v.reconstruct(o_lat, group) + o_ex).to(out.dtype)
+    k_ex_g = k_ex.repeat_interleave(group, dim=1)
+    v_ex_g = v_ex.repeat_interleave(group, dim=1)
+    p = torch.arange(length, device=device)[None, :]  # [1, L]
+    rows = max(1, _SCORES_PER_BLOCK // (hq * length))  # query rows a block: bounded [Hq, rows, L] scores
+    for a in range(0, nq, rows):
+        b = min(nq, a + rows)
+        t = torch.arange(first + a, first + b, device=device)[:, None]  # [rows, 1]
+        causal = p <= t
+        exact = causal & is_held[None, :] & ((p > t - window) | (p < sink))
+        compressed = causal & ~exact
+        s_c = torch.einsum("qhr,lhr->hql", q_lat[a:b].float(), k_lat_g) * scale
+        s_e = torch.einsum("qhd,lhd->hql", query[a:b].float(), k_ex_g) * scale
+        s = torch.where(exact[None], s_e, s_c).masked_fill(~causal[None], float("-inf"))
+        w = torch.softmax(s, dim=-1)
+        o_lat = torch.einsum("hql,lhr->qhr", w.masked_fill(~compressed[None], 0.0), v_lat_g)
+        o_ex = torch.einsum("hql,lhd->qhd", w.masked_fill(~exact[None], 0.0), v_ex_g)
+        out[a:b] = (transforms.v.reconstruct(o_lat, group) + o_ex).to(out.dtype)
