@@ -60,6 +60,10 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
         "lr:lowrank+int8-4x": {"format": "lowrank+int8", "rank_k": d // 2 - 2, "rank_v": d // 2 - 2},
         "lr:lowrank+int8-8x": {"format": "lowrank+int8", "rank_k": d // 4 - 2, "rank_v": d // 4 - 2},
         "lr:plan-2.75x": {"format": "int8", "layers": plan_for_shape("2.75x", num_layers, d)},
+        # layered caches (first token and last W exact): the two that meet the 4x accuracy target on SmolLM2
+        "lr:int4-w32": {"format": "int4", "exact_window": 32, "exact_sink": 1},
+        "lr:plan-4x-w64": {"format": "int8", "layers": plan_for_shape("4x", num_layers, d), "exact_window": 64,
+                           "exact_sink": 1},
     }
     return {name: {**v, "basis": str(basis)} if v["format"].startswith("lowrank") or "layers" in v else v
             for name, v in variants.items()}
@@ -154,7 +158,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=Path("/tmp/smollm2"), help="folder with a tokenizer")
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
-                         "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x)")
+                         "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x, "
+                         "layered: lr:int4-w32,lr:plan-4x-w64)")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
                     help="KV cache of the throughput runs (memory pressure); default 1 GiB")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -193,6 +198,8 @@ def main() -> None:
     variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
     for name, settings in plugin_variants(args.shape, basis).items():
         variants[name] = ["--attention-backend", "lowrank", "--additional-config", json.dumps({"lowrank": settings})]
+        if settings.get("exact_window") or settings.get("exact_sink"):
+            variants[name].append("--no-enable-prefix-caching")  # a layered cache's rings are per request
     chosen = args.variants.split(",") if args.variants else list(variants)
     unknown = [v for v in chosen if v not in variants]
     if unknown:
