@@ -5,9 +5,9 @@ for, and is idempotent. :func:`apply_all` is called by the plugin's ``register()
 ``bench_gate`` is not among them: only a benchmark worker (``vllm_lowrank.side_by_side``) applies it.
 """
 
-from . import backend_alias, cpu_platform, engine_config, kv_cache_spec
+from . import backend_alias, block_tables, cpu_platform, engine_config, kv_cache_spec
 
-ALL = (backend_alias, kv_cache_spec, cpu_platform, engine_config)
+ALL = (backend_alias, kv_cache_spec, block_tables, cpu_platform, engine_config)
 
 
 def apply_all() -> None:

@@ -189,3 +189,57 @@ def test_a_block_too_small_for_one_exact_token_is_refused():
     assert ring_blocks(32, 1, [4, 1]) == 33 and ring_blocks(0, 0, [0]) == 0
     with pytest.raises(LowRankConfigError, match="block-size"):
         ring_blocks(32, 1, [4, 0])
+
+
+def test_new_token_slots_mark_cuda_graph_padding():
+    """A CUDA-graph step pads the batch: tokens past the last request's (garbage positions, possibly past
+    the block table) and padded requests of length 0 get slot -1 and request -1, with no out-of-bounds
+    index; real tokens get column ring + p // block_size of their own row."""
+    from vllm_lowrank.layered import new_token_slots
+
+    ring, bs = 2, 4
+    table = torch.randperm(40)[:3 * 6].view(3, 6).int()  # 3 rows (2 requests + a padded one), 6 columns
+    qsl = torch.tensor([0, 3, 4, 5], dtype=torch.int32)  # request 2 is padding: one token, length 0
+    seq_lens = torch.tensor([7, 10, 0], dtype=torch.int32)
+    positions = torch.tensor([4, 5, 6, 9, 0, 10**6, -3, 77])  # tokens 5..7 are the step's padding
+    slots, req = new_token_slots(table, qsl, 3, seq_lens, positions, ring, bs)
+    expect = [int(table[0, ring + 1]) * bs + 0, int(table[0, ring + 1]) * bs + 1, int(table[0, ring + 1]) * bs + 2,
+              int(table[1, ring + 2]) * bs + 1]
+    assert slots.tolist() == expect + [-1] * 4
+    assert req.tolist() == [0, 0, 0, 1] + [-1] * 4
+
+
+def test_v2_gpu_runner_block_tables_get_room_for_the_ring():
+    """vLLM's v2 GPU runner sizes block-table rows from max_model_len alone; patches/block_tables.py widens
+    each group's rows by its ring blocks. Checked here on the CPU: the group arithmetic, the factory,
+    and that the runner still builds its tables the way the patch wraps (a keyword the factory takes)."""
+    import inspect
+
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
+
+    from vllm_lowrank.layered import LayeredAttentionSpec
+    from vllm_lowrank.patches.block_tables import ring_blocks_per_group, widened
+
+    def spec(hs, ring):
+        return LayeredAttentionSpec(block_size=BS, num_kv_heads=H, head_size=hs, head_size_v=hs, dtype=torch.uint8,
+                                    ring_blocks=ring)
+
+    mixed = UniformTypeKVCacheSpecs.from_specs({f"model.layers.{i}.self_attn.attn": spec(hs, 65)
+                                                for i, hs in enumerate((16, 36))})
+    plain = FullAttentionSpec(block_size=BS, num_kv_heads=H, head_size=64, head_size_v=64, dtype=torch.bfloat16)
+    config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in (mixed, spec(32, 9), plain)])
+    assert ring_blocks_per_group(config) == [65, 9, 0]
+
+    seen = {}
+    make = widened(lambda *a, max_num_blocks_per_group, **k: seen.update(rows=max_num_blocks_per_group, k=k),
+                   [65, 9, 0])
+    make(block_sizes=[BS] * 3, max_num_blocks_per_group=[128, 128, 128], device="cpu")
+    assert seen["rows"] == [193, 137, 128] and seen["k"]["device"] == "cpu"
+
+    import vllm.v1.worker.gpu.model_runner as runner
+
+    source = inspect.getsource(runner.GPUModelRunner.initialize_kv_cache)
+    assert "BlockTables(" in source and "max_num_blocks_per_group=max_num_blocks_per_group" in source, (
+        "vLLM's GPU runner no longer builds BlockTables as patches/block_tables.py expects")

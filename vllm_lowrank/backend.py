@@ -140,20 +140,18 @@ class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
     def _with_ring(self, md: LowRankMetadata) -> LowRankMetadata:
         """Layered cache: the ring blocks split off the block table, and the compressed slots of the new
         tokens recomputed (vLLM's slot mapping counts the ring blocks as the first positions' blocks)."""
-        from .layered import compressed_slot_mapping
+        from .layered import new_token_slots
 
         n, k, total = md.num_actual_tokens, self.ring, md.slot_mapping.shape[0]
         if self._slots.shape[0] < total:
             self._slots = torch.empty(total, dtype=torch.long, device=md.slot_mapping.device)
             self._req = torch.empty(total, dtype=torch.int32, device=md.slot_mapping.device)
         slots, req = self._slots[:total], self._req[:total]
-        token = torch.arange(n, device=md.query_start_loc.device, dtype=md.query_start_loc.dtype)
-        req_n = torch.searchsorted(md.query_start_loc[1:md.num_reqs + 1], token, right=True)  # no host sync
         positions = md.positions[:n]
         slots.fill_(-1)
-        slots[:n] = compressed_slot_mapping(md.block_table, req_n, positions, k, self.kv_cache_spec.block_size)
         req.fill_(-1)
-        req[:n] = req_n
+        slots[:n], req[:n] = new_token_slots(md.block_table, md.query_start_loc, md.num_reqs, md.seq_lens, positions,
+                                             k, self.kv_cache_spec.block_size)
         md.ring, md.ring_table, md.req_of_token = k, md.block_table[:, :k], req
         md.block_table, md.slot_mapping, md.positions = md.block_table[:, k:], slots, positions
         return md
@@ -272,7 +270,9 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             from .layered import store_exact
 
             self._layered_requests(md, range(md.num_reqs), q, key, value, kv_cache, st, out)
-            store_exact(k, v, kv_cache, md.ring_table, md.req_of_token[:n], md.positions[:n], w, s)
+            real = md.req_of_token[:n] >= 0
+            store_exact(k[real], v[real], kv_cache, md.ring_table, md.req_of_token[:n][real], md.positions[:n][real],
+                        w, s)
             return
         from . import kernels
 

@@ -90,6 +90,22 @@ def compressed_slot_mapping(block_table: torch.Tensor, req_of_token: torch.Tenso
     return blocks.long() * block_size + positions.long() % block_size
 
 
+def new_token_slots(block_table: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int, seq_lens: torch.Tensor,
+                    positions: torch.Tensor, ring: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed slot, request) of each of a step's tokens [N], without a host sync; -1 for the padding
+    that CUDA graphs add (tokens past the last request's, or at or past their request's length)."""
+    token = torch.arange(positions.shape[0], device=positions.device, dtype=query_start_loc.dtype)
+    req = torch.searchsorted(query_start_loc[1:num_reqs + 1], token, right=True)
+    rows = min(num_reqs, block_table.shape[0])
+    real = req < rows
+    req_c = req.clamp(max=rows - 1)
+    positions = positions.long()
+    real &= (positions >= 0) & (positions < seq_lens[req_c])
+    col = (ring + positions // block_size).clamp(0, block_table.shape[1] - 1)
+    slots = block_table[req_c, col].long() * block_size + positions % block_size
+    return torch.where(real, slots, -1), torch.where(real, req, -1)
+
+
 def ring_pages(kv_cache: torch.Tensor, head_dim: int, model_dtype: torch.dtype) -> torch.Tensor:
     """The cache's pages as exact-token rows: [num_blocks, H, T, 2, head_dim] in ``model_dtype``."""
     nb, h, bs, sb = kv_cache.shape
