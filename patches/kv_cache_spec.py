@@ -43,19 +43,17 @@ def apply() -> None:
         if not cfg.layered:
             return FullAttentionSpec(**fields)
         from vllm_lowrank.checks import check_layered
-        from vllm_lowrank.layered import LayeredAttentionSpec, ring_blocks, ring_tokens_per_block
+        from vllm_lowrank.layered import LayeredAttentionSpec, ring_plan
 
         check_layered(vllm_config, cfg)
         num_layers = vllm_config.model_config.get_total_num_hidden_layers()
-        per_block = [ring_tokens_per_block(block_size, layer_layout(cfg, i, self.head_size, dtype).slot_bytes,
-                                           self.head_size, dtype) for i in range(num_layers)]
-        k = ring_blocks(cfg.exact_window, cfg.exact_sink, per_block)
+        k, per_block = ring_plan(cfg, num_layers, self.head_size, dtype, block_size)
         from vllm.logger import init_logger
 
         init_logger("vllm.vllm_lowrank").info_once(
-            "lowrank layered cache: the last %d and first %d tokens of every sequence exact, in %d ring blocks "
-            "per sequence (%d-%d exact tokens a block, by layer): vLLM's KV cache size in tokens counts them",
-            cfg.exact_window, cfg.exact_sink, k, min(per_block), max(per_block))
+            "lowrank layered cache: the last %d and first %d tokens of every sequence exact (%s), in %d ring "
+            "blocks per sequence (%d-%d exact tokens a block, by layer): vLLM's KV cache size in tokens counts them",
+            cfg.exact_window, cfg.exact_sink, cfg.exact_dtype, k, min(per_block), max(per_block))
         return LayeredAttentionSpec(**fields, ring_blocks=k)
 
     get_kv_cache_spec._lowrank_patched = True  # type: ignore[attr-defined]

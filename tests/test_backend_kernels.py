@@ -81,7 +81,8 @@ def tiny_model(tmp_path_factory):
     # a layered cache: decodes write the ring (kernel) and read it in the decode kernel; the 150-token
     # prompt's continuation chunks run the PyTorch path and are written into the ring after it
     {"format": {"k": "hadamard+int4", "v": "int8"}, "exact_window": 8, "exact_sink": 1},
-], ids=["int4-k-int8-v", "layered-w8-s1"])
+    {"format": {"k": "hadamard+int4", "v": "int8"}, "exact_window": 8, "exact_sink": 1, "exact_dtype": "int8"},
+], ids=["int4-k-int8-v", "layered-w8-s1", "layered-w8-s1-int8-ring"])
 def test_triton_path_matches_torch_path(tiny_model, settings, capfd):
     torch_outs = _run(tiny_model, settings, "torch", capfd)
     triton_outs = _run(tiny_model, settings, "triton", capfd)

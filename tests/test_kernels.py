@@ -427,13 +427,14 @@ def test_compile_prefill_gpu(spec, seed):
 
 # ------------------------------------------------------------------------------------ layered cache ring
 
-def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, window, sink):
+def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, window, sink, ring):
     """A poisoned cache with each request's tokens stored compressed and, all but its last, in its ring
-    (by the PyTorch path); rows are ring blocks first, then compressed blocks, shuffled ids."""
+    (by the PyTorch path, as slots of ``ring``); rows are ring blocks first, then compressed blocks,
+    shuffled ids."""
     from vllm_lowrank.formats import ring_tokens_per_block
     from vllm_lowrank.layered import compressed_slot_mapping, ring_blocks, store_exact
 
-    k = ring_blocks(window, sink, [ring_tokens_per_block(block_size, layout.slot_bytes, d, dtype)])
+    k = ring_blocks(window, sink, [ring_tokens_per_block(block_size, layout.slot_bytes, ring)])
     nblk = [-(-s // block_size) for s in seq_lens]
     num_blocks = len(seq_lens) * k + sum(nblk) + 3
     cache = torch.randint(0, 256, cache_shape(num_blocks, block_size, h, layout.slot_bytes), dtype=torch.uint8)
@@ -453,7 +454,7 @@ def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, win
         req = torch.zeros(s, dtype=torch.long, device=device)
         reference.store(keys, values, cache, compressed_slot_mapping(table[i:i + 1], req, pos, k, block_size),
                         layout, tr)
-        store_exact(keys[:-1], values[:-1], cache, table[i:i + 1, :k], req[:-1], pos[:-1], window, sink)
+        store_exact(keys[:-1], values[:-1], cache, table[i:i + 1, :k], req[:-1], pos[:-1], window, sink, ring)
         last_k.append(keys[-1])
         last_v.append(values[-1])
     return cache, table, k, torch.stack(last_k), torch.stack(last_v)
@@ -461,28 +462,31 @@ def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, win
 
 LAYERED_CASES = [
     dict(spec="int4", window=8, sink=1, seq_lens=(1, 5, 9, 40, 70)),
+    dict(spec="int4", window=8, sink=1, seq_lens=(1, 5, 9, 40, 70), exact="int8"),
     dict(spec="lowrank+int8", window=5, sink=2, seq_lens=(2, 7, 8, 33), dtype=torch.bfloat16, token_rows=True),
-    dict(spec="hadamard+int8/r20+int4", window=0, sink=3, seq_lens=(1, 3, 4, 50)),
+    dict(spec="hadamard+int8/r20+int4", window=0, sink=3, seq_lens=(1, 3, 4, 50), exact="int8"),
     dict(spec="r16/int8", window=33, sink=0, seq_lens=(20, 34, 35, 90), block_n=32, num_splits=2),
     dict(spec="int4", window=3, sink=20, seq_lens=(10, 22, 23, 24, 60), block_size=32, block_n=16, group=4,
-         dtype=torch.float16, token_rows=True),
+         dtype=torch.float16, token_rows=True, exact="int8"),
 ]
 
 
 def _check_layered_decode(spec, device, seed, *, window, sink, seq_lens, dtype=torch.float32, h=2, group=3,
-                          d=64, block_size=16, block_n=16, num_splits=3, token_rows=False):
+                          d=64, block_size=16, block_n=16, num_splits=3, token_rows=False, exact="model"):
+    from vllm_lowrank.formats import ring_layout
     from vllm_lowrank.layered import layered_attention, store_exact
 
     layout, tr = _setup(spec, h, d, dtype, device)
+    ring = ring_layout(d, dtype, exact)
     cache, table, k, last_k, last_v = _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device,
-                                                        window, sink)
+                                                        window, sink, ring)
     b, scale = len(seq_lens), d ** -0.5
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     q = _kv(b, h * group, d, dtype, device)[0]
     ref = torch.empty_like(q)
     for i, s in enumerate(seq_lens):  # the oracle attends before the new token enters the ring
         layered_attention(q[i:i + 1], last_k[i:i + 1], last_v[i:i + 1], cache, table[i], k, s, window, sink, layout,
-                          tr, scale, ref[i:i + 1])
+                          tr, scale, ref[i:i + 1], ring)
     plain = torch.empty_like(q)
     reference.decode_attention(q, cache, table[:, k:], sl, layout, tr, scale, plain)
     tol = _tol(dtype, layout)
@@ -490,36 +494,41 @@ def _check_layered_decode(spec, device, seed, *, window, sink, seq_lens, dtype=t
 
     expected = cache.clone()
     req = torch.arange(b, device=device)
-    store_exact(last_k, last_v, expected, table[:, :k], req, sl.long() - 1, window, sink)
-    K.store_ring(last_k, last_v, cache, table[:, :k], req.int(), sl.long() - 1, sl, window, sink)
+    store_exact(last_k, last_v, expected, table[:, :k], req, sl.long() - 1, window, sink, ring)
+    K.store_ring(last_k, last_v, cache, table[:, :k], req.int(), sl.long() - 1, sl, window, sink, ring)
     assert torch.equal(cache, expected), f"seed={seed}: the ring store differs from the PyTorch path's"
 
     out = torch.full_like(q, float("nan"))
     ws = torch.full((K.workspace_numel(b, h * group, layout.v.latent_dim, num_splits),), float("nan"), device=device)
     K.decode_attention(q, cache, table[:, k:], sl, layout, tr, scale, out, num_splits=num_splits, workspace=ws,
-                       block_n=block_n, token_rows=token_rows, ring_table=table[:, :k], window=window, sink=sink)
-    _check_close(out, ref, dtype, layout, f"seed={seed} {spec} W={window} S={sink}")
+                       block_n=block_n, token_rows=token_rows, ring_table=table[:, :k], window=window, sink=sink,
+                       ring_slot=ring)
+    _check_close(out, ref, dtype, layout, f"seed={seed} {spec} W={window} S={sink} ring {exact}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", LAYERED_CASES, ids=lambda c: f"{c['spec']}-W{c['window']}-S{c['sink']}")
+@pytest.mark.parametrize("case", LAYERED_CASES,
+                         ids=lambda c: f"{c['spec']}-W{c['window']}-S{c['sink']}-{c.get('exact', 'model')}")
 def test_decode_reads_the_ring(case, device, seed):
     """Decode with a layered cache: the last W and first S positions read exact from the ring (written by
     the ring-store kernel, bit-equal to the PyTorch path), the rest compressed; against the oracle's
-    layered attention, with windows shorter and longer than the sequences, sink-only and window-only."""
+    layered attention, with windows shorter and longer than the sequences, sink-only and window-only, and
+    rings in the model dtype and in int8."""
     _check_layered_decode(case["spec"], device, seed, **{k: v for k, v in case.items() if k != "spec"})
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_store_ring_chunks_and_padding(device, seed):
+@pytest.mark.parametrize("exact", ["model", "int8"])
+def test_store_ring_chunks_and_padding(device, exact, seed):
     """A prefill chunk longer than the window writes only its last W tokens (and the sink); padding
     tokens (request -1) and tokens past their request's length write nothing."""
+    from vllm_lowrank.formats import ring_layout
     from vllm_lowrank.layered import store_exact
 
     h, d, bs, window, sink, dtype = 2, 64, 16, 6, 2, torch.bfloat16
-    layout, _ = _setup("int4", h, d, dtype, device)
-    cache, table, k, _, _ = _layered_requests([30, 12], h, d, bs, layout, _setup("int4", h, d, dtype, device)[1],
-                                              dtype, device, window, sink)
+    layout, tr = _setup("int4", h, d, dtype, device)
+    ring = ring_layout(d, dtype, exact)
+    cache, table, k, _, _ = _layered_requests([30, 12], h, d, bs, layout, tr, dtype, device, window, sink, ring)
     # request 0: chunk of positions 20..29 (len 30); request 1: whole prompt 0..11; then two padding tokens
     pos = torch.cat((torch.arange(20, 30), torch.arange(0, 12), torch.tensor([0, 5]))).to(device)
     req = torch.tensor([0] * 10 + [1] * 12 + [-1, -1], dtype=torch.int32, device=device)
@@ -527,8 +536,8 @@ def test_store_ring_chunks_and_padding(device, seed):
     sl = torch.tensor([30, 12], dtype=torch.int32, device=device)
     expected = cache.clone()
     real = req >= 0
-    store_exact(keys[real], values[real], expected, table[:, :k], req[real].long(), pos[real], window, sink)
-    K.store_ring(keys, values, cache, table[:, :k], req, pos, sl, window, sink)
+    store_exact(keys[real], values[real], expected, table[:, :k], req[real].long(), pos[real], window, sink, ring)
+    K.store_ring(keys, values, cache, table[:, :k], req, pos, sl, window, sink, ring)
     assert torch.equal(cache, expected), f"seed={seed}"
 
 

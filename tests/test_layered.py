@@ -12,9 +12,9 @@ import torch
 
 from vllm_lowrank.codec import decode_layer, encode_layer
 from vllm_lowrank.config import LowRankConfigError, ModelShape, parse
-from vllm_lowrank.formats import SlotLayout, preset_format
-from vllm_lowrank.layered import (compressed_slot_mapping, layered_attention, read_exact, ring_blocks,
-                                  ring_tokens_per_block, store_exact)
+from vllm_lowrank.formats import SlotLayout, preset_format, ring_layout
+from vllm_lowrank.formats import ring_tokens_per_block
+from vllm_lowrank.layered import compressed_slot_mapping, layered_attention, read_exact, ring_blocks, store_exact
 from vllm_lowrank.reference import read_slots, store
 from vllm_lowrank.transforms import build_tensor_transform, LayerTransforms
 
@@ -23,11 +23,11 @@ from conftest import attention64
 H, HQ, D, BS = 3, 9, 64, 16
 
 
-def _setup(fmt: str, window: int, sink: int, length: int, dtype=torch.bfloat16):
+def _setup(fmt: str, window: int, sink: int, length: int, dtype=torch.bfloat16, exact: str = "model"):
     """A poisoned cache, one request's block-table row (ring blocks first, shuffled ids) and its transforms."""
     lf = preset_format(fmt)
     layout = SlotLayout.build(lf, D, dtype)
-    k = ring_blocks(window, sink, [ring_tokens_per_block(BS, layout.slot_bytes, D, dtype)])
+    k = ring_blocks(window, sink, [ring_tokens_per_block(BS, layout.slot_bytes, ring_layout(D, dtype, exact))])
     num_blocks = k + (length + BS - 1) // BS + 3  # three blocks no one owns
     cache = torch.randint(0, 256, (num_blocks, H, BS, layout.slot_bytes), dtype=torch.uint8)
     row = torch.randperm(num_blocks)[:num_blocks - 3]
@@ -36,29 +36,42 @@ def _setup(fmt: str, window: int, sink: int, length: int, dtype=torch.bfloat16):
     return layout, transforms, cache, row, k
 
 
-def _store_in_chunks(cache, row, k, layout, transforms, keys, values, chunks, window, sink):
+def _store_in_chunks(cache, row, k, layout, transforms, keys, values, chunks, window, sink, ring=None):
     start = 0
     for size in chunks:
         pos = torch.arange(start, start + size)
         req = torch.zeros(size, dtype=torch.long)
         slots = compressed_slot_mapping(row[None, :], req, pos, k, BS)
         store(keys[pos], values[pos], cache, slots, layout, transforms)
-        store_exact(keys[pos], values[pos], cache, row[None, :k], req, pos, window, sink)
+        store_exact(keys[pos], values[pos], cache, row[None, :k], req, pos, window, sink, ring)
         start += size
 
 
-@pytest.mark.parametrize("fmt,window,sink", [("int4", 5, 2), ("int8", 32, 1), ("int4", 8, 0), ("int8", 0, 3)])
-def test_ring_holds_the_last_window_and_first_sink_exactly(fmt, window, sink):
+@pytest.mark.parametrize("fmt,window,sink,exact", [("int4", 5, 2, "model"), ("int8", 32, 1, "model"),
+                                                   ("int4", 8, 0, "model"), ("int8", 0, 3, "model"),
+                                                   ("int4", 5, 2, "int8"), ("int8", 32, 1, "int8")])
+def test_ring_holds_the_last_window_and_first_sink_exactly(fmt, window, sink, exact):
+    """The ring reads back the last W and first S tokens: bit for bit in the model dtype, as the codec's
+    int8 (per-token scales) in int8."""
     length, dtype = 37, torch.bfloat16
-    layout, transforms, cache, row, k = _setup(fmt, window, sink, length, dtype)
+    ring = ring_layout(D, dtype, exact)
+    layout, transforms, cache, row, k = _setup(fmt, window, sink, length, dtype, exact)
     keys, values = torch.randn(length, H, D).to(dtype), torch.randn(length, H, D).to(dtype)
     before = cache.clone()
-    _store_in_chunks(cache, row, k, layout, transforms, keys, values, (10, 1, 20, 1, 5), window, sink)
+    _store_in_chunks(cache, row, k, layout, transforms, keys, values, (10, 1, 20, 1, 5), window, sink, ring)
 
-    pos, k_ex, v_ex = read_exact(cache, row[:k], length, window, sink, D, dtype)
+    pos, k_ex, v_ex = read_exact(cache, row[:k], length, window, sink, ring)
     expect = sorted(set(range(max(0, length - window), length)) | set(range(min(sink, length))))
     assert pos.tolist() == expect
-    assert torch.equal(k_ex, keys[pos]) and torch.equal(v_ex, values[pos])
+    identity = LayerTransforms(build_tensor_transform(ring.k.fmt, H, D, None, None),
+                               build_tensor_transform(ring.v.fmt, H, D, None, None))
+    k_want, v_want = decode_layer(encode_layer(keys[pos], values[pos], ring, identity), ring)
+    assert torch.equal(k_ex, k_want) and torch.equal(v_ex, v_want)
+    if exact == "model":
+        assert torch.equal(k_ex, keys[pos].float()) and torch.equal(v_ex, values[pos].float())
+    else:  # int8: within half a step of each token's absmax / 127
+        assert ((k_ex - keys[pos].float()).abs() <= keys[pos].float().abs().amax(-1, keepdim=True) / 250).all()
+        assert not torch.equal(k_ex, keys[pos].float())
     # the compressed slots hold exactly the codec's bytes: the ring writes did not clobber them
     slots = compressed_slot_mapping(row[None, :], torch.zeros(length, dtype=torch.long), torch.arange(length), k, BS)
     assert torch.equal(read_slots(cache, slots, layout), encode_layer(keys, values, layout, transforms))
@@ -113,6 +126,13 @@ def test_exact_settings_are_checked():
     for bad in (-1, 1.5, True, "32"):
         with pytest.raises(LowRankConfigError, match="exact_window"):
             parse({"format": "int4", "exact_window": bad}, shape)
+    assert parse({"format": "int4", "exact_window": 8, "exact_dtype": "int8"}, shape).exact_dtype == "int8"
+    assert parse({"format": "int4", "exact_window": 8}, shape).exact_dtype == "model"
+    for bad in ("fp8", "bf16", 8, None):
+        with pytest.raises(LowRankConfigError, match="exact_dtype"):
+            parse({"format": "int4", "exact_window": 8, "exact_dtype": bad}, shape)
+    with pytest.raises(LowRankConfigError, match="no token is kept exact"):
+        parse({"format": "int4", "exact_dtype": "int8"}, shape)
 
 
 def test_layered_cache_in_vllm(smollm2):

@@ -81,10 +81,13 @@ def layout_constexprs(layout: SlotLayout, minimum_tile: int = 32) -> dict:
 
 
 def check_cache(kv_cache: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int]:
-    """(num_blocks, num_kv_heads, block_size) of a cache for ``layout``; its pages must be dense."""
+    """(num_blocks, num_kv_heads, block_size) of a cache for ``layout``; its pages must be dense, each
+    starting 16-byte aligned (a layered cache's ring pages use a prefix of each page: ``stride(1)`` may
+    exceed ``block_size * slot_bytes``)."""
     num_blocks, h, block_size, slot_bytes = kv_cache.shape
     assert kv_cache.dtype == torch.uint8 and slot_bytes == layout.slot_bytes, "cache does not match the layout"
-    assert kv_cache.stride()[1:] == (block_size * slot_bytes, slot_bytes, 1), "cache pages must be dense"
+    assert kv_cache.stride()[2:] == (slot_bytes, 1), "cache pages must be dense"
+    assert kv_cache.stride(1) >= block_size * slot_bytes and kv_cache.stride(1) % 16 == 0, "pages overlap"
     return num_blocks, h, block_size
 
 

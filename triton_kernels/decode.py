@@ -21,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.formats import SlotLayout, ring_tokens_per_block
+from vllm_lowrank.formats import SlotLayout, ring_layout, ring_tokens_per_block
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, dot, dot_dtypes, interpreted,
-                     layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot, project_queries,
-                     store_output, tile_pages, tile_scales, to_dot, transform_args)
+from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, column_stride, dot, dot_dtypes,
+                     field_ptr, interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
+                     project_queries, store_output, tile_pages, tile_scales, to_dot, transform_args)
 
 
 # --- token rows: the cached tokens as the dots' M dimension ------------------------------------------
@@ -226,16 +226,37 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _ring_rows(cache_ptr, page, tok, valid, d, d_mask, OFF: tl.constexpr, NBYTES: tl.constexpr,
+               SCALE_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, RING_INT8: tl.constexpr, RING_T: tl.constexpr,
+               MODEL_DTYPE: tl.constexpr):
+    """K or V rows [RING_N, D_TILE] (float32, zero where not ``valid``) of ring slots ``tok`` of pages ``page``."""
+    m = valid[:, None] & d_mask[None, :]
+    col = d[None, :] * column_stride(TRANSPOSED, RING_T)
+    if RING_INT8:
+        x = tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, tl.int8, TRANSPOSED) + col,
+                    mask=m, other=0).to(tl.float32)
+        scale = tl.load(field_ptr(cache_ptr, page, tok, SCALE_OFF, 2, RING_T, tl.float16), mask=valid, other=0.0)
+        return x * scale.to(tl.float32)[:, None]
+    else:
+        return tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, MODEL_DTYPE, TRANSPOSED)
+                       + col, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, h, qk_scale,
                 RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+                RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
+                RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
+                RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
                 D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
                 HAS_K_OFFSET: tl.constexpr):
     """Attention of a query group over the exact tokens of its request's ring, the one split in model space.
 
     A request of ``seq_len`` tokens (the new one already in the ring) holds exact its positions
     ``[seq_len - RING_W, seq_len)`` at ring index ``p % RING_W`` and ``[0, RING_S)`` at ``RING_W + p``,
-    the latter only where the window does not cover them. Ring index ``j`` lives in ring block
-    ``ring_row[j // RING_T]``, token ``j % RING_T``, as K then V rows of ``D`` model-dtype elements.
+    the latter only where the window does not cover them. Ring index ``j`` is slot ``j % RING_T`` of ring
+    page ``ring_row[j // RING_T]``: a page of ``RING_T`` slots of the ring layout (``RING_*``: the
+    model dtype, or int8 with per-token scales), field by field like a cache page.
     Scores are ``q . (k - c_k)``, as the compressed ones approximate. Float32 (IEEE) dots: the ring is a
     few dozen tokens. Returns ``(lse, o)``: log2-sum-exp [G_TILE] (-inf if empty) and the normalised
     ``sum_j p_j v_j`` [G_TILE, D_TILE].
@@ -258,11 +279,12 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
             valid = tl.where(j < RING_W, p >= 0, (j - RING_W < RING_S) & (j - RING_W < recent))
         else:
             valid = (j < RING_S) & (j < seq_len)
-        blk = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64)
-        rows = (cache_ptr + blk * stride_cblk + head_off).to(tl.pointer_type(MODEL_DTYPE)) + (j % RING_T) * (2 * D)
-        m2 = valid[:, None] & d_mask[None, :]
-        k = tl.load(rows[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        v = tl.load(rows[:, None] + D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        page = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64) * stride_cblk + head_off
+        tok = j % RING_T
+        k = _ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
+                       RING_INT8, RING_T, MODEL_DTYPE)
+        v = _ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T,
+                       RING_INT8, RING_T, MODEL_DTYPE)
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") - qc[:, None]) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -292,7 +314,9 @@ def _decode_merge_kernel(
     RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
     HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
     RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
-    MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr,
+    RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr, RING_K_SCALE_OFF: tl.constexpr,
+    RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr, RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr,
+    RING_V_T: tl.constexpr, MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr,
 ):
     """Merge the splits of one request's query group by log-sum-exp and write ``P_v o_lat + c_v``.
 
@@ -312,8 +336,10 @@ def _decode_merge_kernel(
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
         lse_ring, o_ring = _ring_split(q_rows, g_mask, cache_ptr, ring_ptr + b.to(tl.int64) * stride_rb,
                                        stride_cblk, h.to(tl.int64) * STRIDE_CHEAD, tl.load(seq_lens_ptr + b),
-                                       k_offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N, D, D_TILE,
-                                       G_TILE, MODEL_DTYPE, HAS_K_OFFSET)
+                                       k_offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N, RING_INT8,
+                                       RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
+                                       RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, D, D_TILE, G_TILE, MODEL_DTYPE,
+                                       HAS_K_OFFSET)
         lse_max = lse_ring
     for s in range(num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
@@ -395,7 +421,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
                      block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
                      token_rows: bool | None = None, ring_table: torch.Tensor | None = None, window: int = 0,
-                     sink: int = 0) -> None:
+                     sink: int = 0, ring_slot: SlotLayout | None = None) -> None:
     """Batched single-token decode over compressed slots, written into ``out``.
 
     query/out: [B, Hq, D] (last dim contiguous); kv_cache: uint8 [num_blocks, H, block_size, slot_bytes];
@@ -406,7 +432,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     result as :func:`vllm_lowrank.reference.decode_attention`.
 
     Layered cache: ``ring_table`` int32 [B, ring blocks] holds each request's ring (its new token already
-    written there, :func:`vllm_lowrank.kernels.store_ring`); the last ``window`` and first ``sink``
+    written there, :func:`vllm_lowrank.kernels.store_ring`) as slots of ``ring_slot`` (default: the
+    model dtype's :func:`vllm_lowrank.formats.ring_layout`); the last ``window`` and first ``sink``
     positions are then read exact from it and only the others compressed (``block_table`` without the
     ring columns), as :func:`vllm_lowrank.layered.layered_attention` does for one query.
     """
@@ -450,12 +477,16 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
-    ring_t = max(1, ring_tokens_per_block(block_size, layout.slot_bytes, d, query.dtype))
+    ring_slot = ring_slot or ring_layout(d, query.dtype)
+    ring_c = {f"RING_{k}": v for k, v in layout_constexprs(ring_slot).items()
+              if k in ("K_OFF", "K_BYTES", "K_SCALE_OFF", "K_T", "V_OFF", "V_BYTES", "V_SCALE_OFF", "V_T")}
+    ring_t = max(1, ring_tokens_per_block(block_size, layout.slot_bytes, ring_slot))
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
         query, query.stride(0), query.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         ring_table, ring_table.stride(0), seq_lens, k_offset, scale * LOG2E,
         G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
         D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
-        RING_W=window, RING_S=sink, RING_T=ring_t, RING_N=16, MODEL_DTYPE=TORCH_TO_TL[query.dtype],
+        RING_W=window, RING_S=sink, RING_T=ring_t, RING_N=16, RING_INT8=ring_slot.k.fmt.storage == "int8", **ring_c,
+        MODEL_DTYPE=TORCH_TO_TL[query.dtype],
         HAS_K_OFFSET=transforms.k.offset is not None, num_warps=4)

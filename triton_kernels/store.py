@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.formats import SlotLayout, ring_tokens_per_block
+from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, TORCH_TO_TL, check_cache, column_stride,
-                     field_ptr, layout_constexprs, next_pow2, rint)
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, check_cache, column_stride, field_ptr,
+                     layout_constexprs, next_pow2, rint)
 
 
 @triton.jit
@@ -194,78 +194,34 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
         H=h, H_TILE=next_pow2(h), BLOCK_SIZE=block_size, **c, num_warps=4)
 
 
-@triton.jit
-def _write_ring_token(k, v, cache_ptr, stride_cblk, ring_row, index, ok, hh, d, head_mask, d_mask,
-                      STRIDE_CHEAD: tl.constexpr, RING_T: tl.constexpr, D: tl.constexpr,
-                      MODEL_DTYPE: tl.constexpr):
-    """Write one token's exact K and V rows [H_TILE, D_TILE] at ring index ``index`` (if ``ok``)."""
-    blk = tl.load(ring_row + index // RING_T, mask=ok, other=0).to(tl.int64)
-    pages = (cache_ptr + blk * stride_cblk + hh.to(tl.int64) * STRIDE_CHEAD).to(tl.pointer_type(MODEL_DTYPE))
-    rows = pages + (index % RING_T) * (2 * D)
-    m = ok & head_mask[:, None] & d_mask[None, :]
-    tl.store(rows[:, None] + d[None, :], k, mask=m)
-    tl.store(rows[:, None] + D + d[None, :], v, mask=m)
-
-
-@triton.jit
-def _store_ring_kernel(
-    k_ptr, stride_kn, stride_kh,  # keys [N, H, D] (model dtype)
-    v_ptr, stride_vn, stride_vh,  # values [N, H, D]
-    cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes]
-    STRIDE_CHEAD: tl.constexpr,  # page bytes
-    ring_ptr, stride_rb,  # int32 [R, ring blocks]: each request's ring
-    req_ptr,  # int32 [N]: each token's request (< 0: padding)
-    pos_ptr,  # [N] each token's position
-    seq_lens_ptr,  # int32 [R]
-    H: tl.constexpr, H_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
-    RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-):
-    """One program per token: its exact K/V to ring index ``p % RING_W`` if it is among its request's last
-    ``RING_W`` (``p >= seq_len - RING_W``), and to ``RING_W + p`` if ``p < RING_S``."""
-    tok = tl.program_id(0)
-    req = tl.load(req_ptr + tok)
-    ok = req >= 0
-    req = tl.maximum(req, 0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int32)
-    seq_len = tl.load(seq_lens_ptr + req)
-    ok = ok & (pos < seq_len)
-    hh = tl.arange(0, H_TILE)
-    d = tl.arange(0, D_TILE)
-    head_mask = hh < H
-    d_mask = d < D
-    m = head_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + tok.to(tl.int64) * stride_kn + hh[:, None] * stride_kh + d[None, :], mask=m, other=0.0)
-    v = tl.load(v_ptr + tok.to(tl.int64) * stride_vn + hh[:, None] * stride_vh + d[None, :], mask=m, other=0.0)
-    ring_row = ring_ptr + req * stride_rb
-    if RING_W > 0:
-        _write_ring_token(k, v, cache_ptr, stride_cblk, ring_row, pos % RING_W, ok & (pos >= seq_len - RING_W),
-                          hh, d, head_mask, d_mask, STRIDE_CHEAD, RING_T, D, MODEL_DTYPE)
-    if RING_S > 0:
-        _write_ring_token(k, v, cache_ptr, stride_cblk, ring_row, RING_W + pos, ok & (pos < RING_S), hh, d,
-                          head_mask, d_mask, STRIDE_CHEAD, RING_T, D, MODEL_DTYPE)
-
-
 def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, ring_table: torch.Tensor,
                req_of_token: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, window: int,
-               sink: int) -> None:
-    """Write new tokens' exact K/V [N, H, D] into their requests' rings (a layered cache).
+               sink: int, ring: SlotLayout) -> None:
+    """Write new tokens' exact K/V [N, H, D] into their requests' rings (a layered cache), as slots of
+    ``ring`` (:func:`vllm_lowrank.formats.ring_layout`) by :func:`store` on the ring pages.
 
     ``req_of_token`` int32 [N] (< 0: padding), ``positions`` [N], ``seq_lens`` int32 [R] (a request's
-    length including its new tokens), ``ring_table`` int32 [R, ring blocks]. Same result as
-    :func:`vllm_lowrank.layered.store_exact` for tokens that end their request's sequence; no host
-    sync (CUDA-graph safe).
+    length including its new tokens), ``ring_table`` int32 [R, ring blocks]. A token goes to ring index
+    ``p % window`` if it is among its request's last ``window`` (``p >= seq_len - window``) and to
+    ``window + p`` if ``p < sink``. Same bytes as :func:`vllm_lowrank.layered.store_exact` for tokens
+    that end their request's sequence; no host sync (CUDA-graph safe).
     """
-    n = req_of_token.shape[0]
-    if n == 0:
+    from vllm_lowrank.layered import ring_cache, ring_transforms
+
+    if req_of_token.shape[0] == 0:
         return
-    num_blocks, h, block_size, slot_bytes = kv_cache.shape
-    d = key.shape[-1]
-    assert key.stride(-1) == 1 and value.stride(-1) == 1 and ring_table.stride(-1) == 1
-    assert kv_cache.stride()[1:] == (block_size * slot_bytes, slot_bytes, 1), "cache pages must be dense"
-    ring_t = ring_tokens_per_block(block_size, slot_bytes, d, key.dtype)
-    assert ring_t >= 1, "a page smaller than one exact token"
-    _store_ring_kernel[(n,)](
-        key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
-        kv_cache, kv_cache.stride(0), kv_cache.stride(1), ring_table, ring_table.stride(0), req_of_token,
-        positions, seq_lens, H=h, H_TILE=next_pow2(h), D=d, D_TILE=next_pow2(d), RING_W=window, RING_S=sink,
-        RING_T=ring_t, MODEL_DTYPE=TORCH_TO_TL[key.dtype], num_warps=4)
+    cache = ring_cache(kv_cache, ring)
+    t = cache.shape[2]
+    req = req_of_token.long()
+    real = req >= 0
+    req = req.clamp(min=0)
+    pos = positions.long()
+    real &= pos < seq_lens[req]
+    targets = []
+    if window:
+        targets.append((real & (pos >= seq_lens[req] - window), pos % window))
+    if sink:
+        targets.append((real & (pos < sink), (window + pos).clamp(max=window + sink - 1)))
+    for keep, index in targets:
+        slots = ring_table[req, index // t].long() * t + index % t
+        store(key, value, cache, torch.where(keep, slots, -1), ring, ring_transforms(ring, kv_cache.shape[1]))

@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import reference
 from .config import LowRankConfigError, layer_index
-from .formats import cache_shape
+from .formats import SlotLayout, cache_shape
 from .plan import LayerState, build_layer_state, plugin_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler prints it
@@ -262,51 +262,57 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         the decode kernel, which reads the ring as one more split (no host sync: CUDA-graph safe);
         longer chunks go through :meth:`_layered_requests` and are written into the ring after it. On
         the PyTorch path every request goes through :meth:`_layered_requests`."""
+        from .formats import ring_layout
+
         n, nd, ndt = md.num_actual_tokens, md.num_decodes, md.num_decode_tokens
         w, s = self.config.exact_window, self.config.exact_sink
+        ring = ring_layout(self.head_size, st.layout.model_dtype, self.config.exact_dtype)
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         if _ops(q.device) is reference:
             from .layered import store_exact
 
-            self._layered_requests(md, range(md.num_reqs), q, key, value, kv_cache, st, out)
+            self._layered_requests(md, range(md.num_reqs), q, key, value, kv_cache, st, out, ring)
             real = md.req_of_token[:n] >= 0
             store_exact(k[real], v[real], kv_cache, md.ring_table, md.req_of_token[:n][real], md.positions[:n][real],
-                        w, s)
+                        w, s, ring)
             return
         from . import kernels
 
         if nd:
             kernels.store_ring(k[:ndt], v[:ndt], kv_cache, md.ring_table, md.req_of_token[:ndt], md.positions[:ndt],
-                               md.seq_lens, w, s)
+                               md.seq_lens, w, s, ring)
             kernels.decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd], st.layout,
                                      st.transforms, self.scale, out[:ndt], ring_table=md.ring_table[:nd], window=w,
-                                     sink=s)
+                                     sink=s, ring_slot=ring)
         if md.num_reqs > nd:
-            self._layered_requests(md, range(nd, md.num_reqs), q, key, value, kv_cache, st, out)
+            self._layered_requests(md, range(nd, md.num_reqs), q, key, value, kv_cache, st, out, ring)
             kernels.store_ring(k[ndt:n], v[ndt:n], kv_cache, md.ring_table, md.req_of_token[ndt:n],
-                               md.positions[ndt:n], md.seq_lens, w, s)
+                               md.positions[ndt:n], md.seq_lens, w, s, ring)
 
     def _layered_requests(self, md: LowRankMetadata, requests: range, q: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor) -> None:
+                          value: torch.Tensor, kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor,
+                          ring: SlotLayout) -> None:
         """Requests through :func:`vllm_lowrank.layered.layered_attention` (before their tokens enter the
         ring), except a prompt's first chunk without ``prefill_from_cache``, which attends to its own
         exact K/V as usual."""
         from .layered import layered_attention
 
         qsl, seq_lens = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+        exact = [i for i in requests if qsl[i + 1] > qsl[i] and seq_lens[i] == qsl[i + 1] - qsl[i]
+                 and not self.config.prefill_from_cache]
+        for a, b in _runs(exact):  # one varlen call per contiguous run of first chunks
+            self._exact_prefill(md, qsl, a, b, q, key, value, out)
+        skip = set(exact)
         for i in requests:
             q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
-            if q1 <= q0:
-                continue
-            if length == q1 - q0 and not self.config.prefill_from_cache:
-                self._exact_prefill(md, qsl, i, i + 1, q, key, value, out)
+            if q1 <= q0 or i in skip:
                 continue
             row = torch.cat((md.ring_table[i], md.block_table[i]))
             layered_attention(q[q0:q1], key[q0:q1].view(-1, self.num_kv_heads, self.head_size),
                               value[q0:q1].view(-1, self.num_kv_heads, self.head_size), kv_cache, row, md.ring,
                               length, self.config.exact_window, self.config.exact_sink, st.layout,
-                              st.transforms, self.scale, out[q0:q1])
+                              st.transforms, self.scale, out[q0:q1], ring)
 
     def _compile_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, md: LowRankMetadata,
                          st: LayerState) -> None:

@@ -27,6 +27,8 @@ Keys (all optional):
   front of its block-table row, and attention reads them exact (default 0 and 0: off). Needs prefix
   caching off. On CUDA, decode runs the Triton kernels (the ring is one more split); continuation
   chunks and ``prefill_from_cache`` prompts run the PyTorch path per request.
+- ``exact_dtype``: how the ring keeps those tokens: ``model`` (the model dtype, default) or ``int8``
+  (per-token scales: about half the ring blocks).
 - ``calibrate``: accumulate per-layer statistics of Q, K (post- and pre-RoPE) and V for calibration
   (see :mod:`vllm_lowrank.calibration`; default false).
 """
@@ -41,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from .basis import BasisFile, BasisFileError
-from .formats import RANKED_PRESETS, FormatError, LayerFormat, PRESETS, TensorFormat, preset_format
+from .formats import RANKED_PRESETS, RING_DTYPES, FormatError, LayerFormat, PRESETS, TensorFormat, preset_format
 from .transforms import smoothing_applies
 
 CONFIG_KEY = "lowrank"
 DEFAULT_FORMAT = "int8"
 KNOWN_KEYS = ("format", "rank_k", "rank_v", "basis", "layers", "plan", "offset", "smooth_keys", "prefill_from_cache",
-              "calibrate", "exact_window", "exact_sink")
+              "calibrate", "exact_window", "exact_sink", "exact_dtype")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -75,6 +77,7 @@ class LowRankConfig:
     smooth_keys: bool = False
     exact_window: int = 0
     exact_sink: int = 0
+    exact_dtype: str = "model"
 
     @property
     def layered(self) -> bool:
@@ -222,6 +225,13 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise LowRankConfigError(f"{key}={n!r}: expected a number of tokens (an integer >= 0)")
         exact[key] = n
+    exact["exact_dtype"] = raw.get("exact_dtype", "model")
+    if exact["exact_dtype"] not in RING_DTYPES:
+        raise LowRankConfigError(f"exact_dtype={exact['exact_dtype']!r}: expected one of {', '.join(RING_DTYPES)} "
+                                 f"(how a layered cache keeps its exact tokens; default 'model')")
+    if "exact_dtype" in raw and not exact["exact_window"] + exact["exact_sink"]:
+        raise LowRankConfigError("exact_dtype is set but no token is kept exact: set exact_window and/or "
+                                 "exact_sink (a layered cache), or drop exact_dtype")
     cfg = LowRankConfig(raw, default, overrides, basis, bool(use_offsets), bool(raw.get("prefill_from_cache")),
                         bool(raw.get("calibrate")), bool(smooth), **exact)
 

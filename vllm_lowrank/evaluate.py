@@ -4,8 +4,9 @@ Held-out text: the last 200,000 characters of the gensim Wikipedia excerpt, in w
 (the first ``--windows`` of them; all 40 on the GPU machine, fewer on the CPU); ``--text stdlib``: the
 evaluation part of the Python standard-library text (``textdata.STDLIB_FILES``), for code models. The baseline is vLLM's
 own attention backend, uncompressed. Prints one table: format, bytes per token, compression vs bf16,
-capacity ratio (vLLM's own KV cache size in tokens at a fixed memory, vs the baseline), perplexity,
-change in %, and greedy agreement with the baseline.
+capacity ratio (vLLM's own KV cache size in tokens at a fixed memory, vs the baseline; for a layered
+cache, less its ring blocks, for sequences of the windows' length), perplexity, change in %, and
+greedy agreement with the baseline.
 """
 
 from __future__ import annotations

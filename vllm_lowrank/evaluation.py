@@ -147,8 +147,22 @@ def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dt
                     tops.append(min(lp.items(), key=lambda kv: kv[1].rank)[0])
                 top1.append(tops)
     bpt = bytes_per_token(model, spec)
+    cap = int(cap * max_len / (max_len + ring_tokens(model, spec)))
     return FormatResult(spec.name, bpt, n * h * 2 * d * 2 / bpt, cap, nll / max(count, 1), count, top1,
                         time.time() - t0, spec.settings)
+
+
+def ring_tokens(model: str | Path, spec: FormatSpec, block_size: int = 16) -> int:
+    """Token slots of a layered cache's ring blocks per sequence (0 without one). vLLM counts them in its
+    KV cache size, so the capacity column takes them off, for sequences of the windows' length."""
+    if spec.settings is None or not (spec.settings.get("exact_window") or spec.settings.get("exact_sink")):
+        return 0
+    from .config import ModelShape, parse
+    from .layered import ring_plan
+
+    n, _, h, d = model_shape(model)
+    k, _ = ring_plan(parse(dict(spec.settings), ModelShape(n, h, d)), n, d, torch.bfloat16, block_size)
+    return k * block_size
 
 
 def agreement(a: FormatResult, b: FormatResult) -> float:

@@ -34,6 +34,7 @@ Textual form of a tensor format: ``[transform+]storage`` where transform is
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -254,11 +255,24 @@ def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, slot_bytes:
     return (num_blocks, num_kv_heads, block_size, slot_bytes)
 
 
-def ring_tokens_per_block(block_size: int, slot_bytes: int, head_dim: int, model_dtype: torch.dtype) -> int:
-    """Exact tokens one page holds as a layered cache's ring (:mod:`vllm_lowrank.layered`): token ``t``
-    of the page is K then V, ``head_dim`` elements of ``model_dtype`` each, from page byte
-    ``t * 2 * head_dim * itemsize``."""
-    return block_size * slot_bytes // (2 * head_dim * _itemsize(model_dtype))
+RING_DTYPES = ("model", "int8")  # how a layered cache keeps its exact tokens (setting ``exact_dtype``)
+
+
+@functools.lru_cache(maxsize=None)
+def ring_layout(head_dim: int, model_dtype: torch.dtype, exact_dtype: str = "model") -> SlotLayout:
+    """The slot of one exact token of a layered cache's ring (:mod:`vllm_lowrank.layered`): the ``full``
+    format (K and V in the model dtype) or ``int8`` (per-token scales, 2x smaller), never transformed.
+    A ring page holds :func:`ring_tokens_per_block` such slots laid out field by field, like a cache
+    page of that many tokens, so the codec, the store kernel and the attention loads serve it as is."""
+    if exact_dtype not in RING_DTYPES:
+        raise FormatError(f"exact_dtype={exact_dtype!r}; accepted: {', '.join(RING_DTYPES)}")
+    return SlotLayout.build(preset_format("full" if exact_dtype == "model" else "int8"), head_dim, model_dtype)
+
+
+def ring_tokens_per_block(block_size: int, slot_bytes: int, ring: SlotLayout) -> int:
+    """Exact tokens (slots of ``ring``) that one page of ``block_size`` compressed slots of ``slot_bytes``
+    holds."""
+    return block_size * slot_bytes // ring.slot_bytes
 
 
 def preset_format(name: str, rank_k: int | None = None, rank_v: int | None = None) -> LayerFormat:

@@ -6,9 +6,15 @@ blocks*: the first ``k`` entries of every block-table row, allocated with the re
 :class:`LayeredAttentionManager` (registered for :class:`LayeredAttentionSpec` through vLLM's KV
 cache spec registry). The compressed block of position ``p`` is then row column ``k + p // block_size``,
 so the plugin builds its own slot mapping (vLLM's points into the ring). A ring block holds
-:func:`ring_tokens_per_block` exact tokens per KV head (K and V in the model dtype), on the same
-pages as the compressed ones: position ``p`` goes to ring index ``p % W`` and, if ``p < S``, also to
-``W + p``. Position ``p`` of a sequence of ``n`` tokens is held exact when ``p >= n - W`` or ``p < S``.
+:func:`ring_tokens_per_block` exact tokens per KV head, as slots of :func:`ring_layout` (K and V
+in the model dtype, or int8 with ``exact_dtype: "int8"``) on the same pages as the compressed ones,
+laid out field by field like a cache page of that many slots: position ``p`` goes to ring index
+``p % W`` and, if ``p < S``, also to ``W + p``. Position ``p`` of a sequence of ``n`` tokens is held
+exact when ``p >= n - W`` or ``p < S``.
+
+On CUDA the decode kernel reads the ring as one more split and :func:`vllm_lowrank.kernels.store_ring`
+writes it; continuation chunks (and ``prefill_from_cache`` prompts) go through
+:func:`layered_attention`, the PyTorch path, on every device.
 
 Prefix caching must be off: ring blocks are per request and are not hashed, and after a prefix-cache
 hit the ring would lack the hit's tokens. (A recompute preemption starts again at position 0, so the
@@ -18,14 +24,17 @@ ring is rewritten.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from .formats import SlotLayout, ring_tokens_per_block
-from .transforms import LayerTransforms
+from . import reference
+from .codec import decode_layer, encode_layer
+from .formats import SlotLayout, ring_layout, ring_tokens_per_block
+from .transforms import LayerTransforms, build_tensor_transform
 
 
 def ring_blocks(window: int, sink: int, tokens_per_block: list[int]) -> int:
@@ -38,6 +47,15 @@ def ring_blocks(window: int, sink: int, tokens_per_block: list[int]) -> int:
         raise LowRankConfigError("exact_window/exact_sink: a block of this format is smaller than one exact token "
                                  "(K and V in the model dtype); use a larger --block-size")
     return max(math.ceil((window + sink) / t) for t in tokens_per_block)
+
+
+def ring_plan(cfg, num_layers: int, head_dim: int, model_dtype: torch.dtype, block_size: int) -> tuple[int, list[int]]:
+    """(ring blocks per request, exact tokens a ring block holds in each layer) of a layered config
+    (:class:`vllm_lowrank.config.LowRankConfig`): the layer with the smallest slot sets the blocks."""
+    ring = ring_layout(head_dim, model_dtype, cfg.exact_dtype)
+    slots = [SlotLayout.build(cfg.layer_format(i), head_dim, model_dtype).slot_bytes for i in range(num_layers)]
+    per_block = [ring_tokens_per_block(block_size, s, ring) for s in slots]
+    return ring_blocks(cfg.exact_window, cfg.exact_sink, per_block), per_block
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,29 +124,38 @@ def new_token_slots(block_table: torch.Tensor, query_start_loc: torch.Tensor, nu
     return torch.where(real, slots, -1), torch.where(real, req, -1)
 
 
-def ring_pages(kv_cache: torch.Tensor, head_dim: int, model_dtype: torch.dtype) -> torch.Tensor:
-    """The cache's pages as exact-token rows: [num_blocks, H, T, 2, head_dim] in ``model_dtype``."""
+def ring_cache(kv_cache: torch.Tensor, ring: SlotLayout) -> torch.Tensor:
+    """The cache's pages as ring pages: a view [num_blocks, H, T, ring.slot_bytes] that the codec and the
+    store kernel treat as a cache of ``T`` (:func:`ring_tokens_per_block`) slots a block."""
     nb, h, bs, sb = kv_cache.shape
-    t = ring_tokens_per_block(bs, sb, head_dim, model_dtype)
-    used = t * 2 * head_dim * model_dtype.itemsize
-    return kv_cache.view(nb, h, bs * sb)[:, :, :used].view(model_dtype).view(nb, h, t, 2, head_dim)
+    t = ring_tokens_per_block(bs, sb, ring)
+    return kv_cache.view(nb, h, bs * sb)[:, :, :t * ring.slot_bytes].view(nb, h, t, ring.slot_bytes)
 
 
-def ring_locations(block_table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
-                   tokens_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ring block id, token within it) of ring index ``index`` of block-table row ``rows``."""
-    return block_table[rows.long(), index.long() // tokens_per_block].long(), index.long() % tokens_per_block
+@functools.lru_cache(maxsize=None)
+def ring_transforms(ring: SlotLayout, num_kv_heads: int) -> LayerTransforms:
+    """The ring's transforms: none (exact tokens are stored as they come)."""
+    d = ring.head_dim
+    return LayerTransforms(build_tensor_transform(ring.k.fmt, num_kv_heads, d, None, None),
+                           build_tensor_transform(ring.v.fmt, num_kv_heads, d, None, None))
+
+
+def ring_slots(block_table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, tokens_per_block: int) -> torch.Tensor:
+    """Ring-cache slots of ring index ``index`` of block-table rows ``rows`` (the ring columns first)."""
+    index = index.long()
+    return block_table[rows.long(), index // tokens_per_block].long() * tokens_per_block + index % tokens_per_block
 
 
 def store_exact(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                req_of_token: torch.Tensor, positions: torch.Tensor, window: int, sink: int) -> None:
+                req_of_token: torch.Tensor, positions: torch.Tensor, window: int, sink: int,
+                ring: SlotLayout | None = None) -> None:
     """Write new tokens' exact K/V [N, H, D] to ring index ``p % window`` and, if ``p < sink``, also to
-    ``window + p`` (``req_of_token`` [N]: each token's block-table row)."""
+    ``window + p`` (``req_of_token`` [N]: each token's block-table row), as slots of ``ring`` (default:
+    the model dtype's)."""
     if key.shape[0] == 0:
         return
-    pages = ring_pages(kv_cache, key.shape[-1], key.dtype)
-    kv = torch.stack((key, value), dim=2)  # [N, H, 2, D]
-    heads = torch.arange(key.shape[1], device=key.device)
+    ring = ring or ring_layout(key.shape[-1], key.dtype)
+    cache = ring_cache(kv_cache, ring)
     positions = positions.long()
     targets = []
     if window:  # only each request's last ``window`` new tokens: earlier ones would share their ring slots
@@ -142,25 +169,23 @@ def store_exact(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, 
         targets.append((first, window + positions[first]))
     for sel, index in targets:
         if sel.numel():
-            blk, tok = ring_locations(block_table, req_of_token[sel], index, pages.shape[2])
-            pages[blk[:, None], heads[None, :], tok[:, None]] = kv[sel]
+            slots = ring_slots(block_table, req_of_token[sel], index, cache.shape[2])
+            reference.store(key[sel], value[sel], cache, slots, ring, ring_transforms(ring, key.shape[1]))
 
 
 def read_exact(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int, window: int, sink: int,
-               head_dim: int, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions [P], K [P, H, D], V [P, H, D]) held in the ring once tokens ``0..length-1`` are stored:
-    the last ``window`` (ring index ``p % window``) and the first ``sink`` before them (``window + p``)."""
+               ring: SlotLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions [P], K [P, H, D], V [P, H, D] float32) held in the ring once tokens ``0..length-1`` are
+    stored: the last ``window`` (ring index ``p % window``) and the first ``sink`` before them (``window + p``)."""
     device = block_table_row.device
     recent = torch.arange(max(0, length - window), length, device=device)
     first = torch.arange(0, min(sink, max(0, length - window)), device=device)
     positions = torch.cat((first, recent))
     index = torch.cat((window + first, recent % window if window else recent))
-    pages = ring_pages(kv_cache, head_dim, model_dtype)
-    blk, tok = ring_locations(block_table_row[None, :], torch.zeros_like(index), index, pages.shape[2])
-    kv = pages[blk, :, tok]  # [P, H, 2, D]
-    return positions, kv[:, :, 0], kv[:, :, 1]
-
-
+    cache = ring_cache(kv_cache, ring)
+    slots = ring_slots(block_table_row[None, :], torch.zeros_like(index), index, cache.shape[2])
+    k, v = decode_layer(reference.read_slots(cache, slots, ring), ring)
+    return positions, k, v
 
 
 _SCORES_PER_BLOCK = 1 << 25  # float32 scores of one query block in layered_attention (128 MiB a tensor)
@@ -168,7 +193,8 @@ _SCORES_PER_BLOCK = 1 << 25  # float32 scores of one query block in layered_atte
 
 def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                       block_table_row: torch.Tensor, ring: int, length: int, window: int, sink: int,
-                      layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor) -> None:
+                      layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor,
+                      ring_slot: SlotLayout | None = None) -> None:
     """One request's new tokens [Q, Hq, D] attending over its ``length`` tokens, written into ``out``.
 
     Called before the new tokens go into the ring (:func:`store_exact` after attention), so that a chunk
@@ -176,21 +202,23 @@ def layered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     positions ``p <= t`` with ``p > t - window`` or ``p < sink`` that are held exact (in the ring, or
     among this step's own tokens ``key``/``value`` [Q, H, D]); every other
     position comes from the compressed cache. Scores against exact keys subtract the key offset, as the
-    compressed ones do; exact values enter as ``v - c_v``, the offset being added back once.
+    compressed ones do; exact values enter as ``v - c_v``, the offset being added back once. With an
+    int8 ring (``ring_slot``), the step's own tokens are read as the ring stores them.
     """
-    from .reference import request_latents
-
     nq, hq, d = query.shape
     h = kv_cache.shape[1]
     group = hq // h
     device = query.device
     first = length - nq
-    k_lat, v_lat = request_latents(kv_cache, block_table_row[ring:], length, layout)  # [L, H, r]
-    held, k_ring, v_ring = read_exact(kv_cache, block_table_row[:ring], first, window, sink, d, key.dtype)
+    k_lat, v_lat = reference.request_latents(kv_cache, block_table_row[ring:], length, layout)  # [L, H, r]
+    ring_slot = ring_slot or ring_layout(d, key.dtype)
+    held, k_ring, v_ring = read_exact(kv_cache, block_table_row[:ring], first, window, sink, ring_slot)
+    if ring_slot.k.fmt.storage != "model":  # the step's own tokens as the ring holds them (as decode reads them)
+        key, value = decode_layer(encode_layer(key, value, ring_slot, ring_transforms(ring_slot, h)), ring_slot)
     k_ex = torch.zeros(length, h, d, device=device, dtype=torch.float32)
     v_ex = torch.zeros_like(k_ex)
     is_held = torch.zeros(length, dtype=torch.bool, device=device)
-    k_ex[held], v_ex[held], is_held[held] = k_ring.float(), v_ring.float(), True
+    k_ex[held], v_ex[held], is_held[held] = k_ring, v_ring, True
     k_ex[first:], v_ex[first:], is_held[first:] = key.float(), value.float(), True
     if transforms.k.offset is not None:
         k_ex = k_ex - transforms.k.offset.float()
