@@ -64,6 +64,8 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
         "lr:int4-w32": {"format": "int4", "exact_window": 32, "exact_sink": 1},
         "lr:plan-4x-w64": {"format": "int8", "layers": plan_for_shape("4x", num_layers, d), "exact_window": 64,
                            "exact_sink": 1},
+        "lr:plan-4x-w64-int8": {"format": "int8", "layers": plan_for_shape("4x", num_layers, d), "exact_window": 64,
+                                "exact_sink": 1, "exact_dtype": "int8"},
     }
     return {name: {**v, "basis": str(basis)} if v["format"].startswith("lowrank") or "layers" in v else v
             for name, v in variants.items()}
@@ -159,7 +161,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
                          "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x, "
-                         "layered: lr:int4-w32,lr:plan-4x-w64)")
+                         "layered: lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8)")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
                     help="KV cache of the throughput runs (memory pressure); default 1 GiB")
     ap.add_argument("--num-prompts", type=int, default=256)

@@ -12,9 +12,9 @@
 #                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
-#   bash scripts/h200.sh layered        # layered cache: ring kernel tests, `vllm serve` checks (2 formats) and
+#   bash scripts/h200.sh layered        # layered cache: ring kernel tests, `vllm serve` checks (3 formats) and
 #                                       # perplexity (40 windows; carry as for ppl), side by side, ~5 min
-#   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, int4 and the two layered caches, ~6 min
+#   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, int4 and three layered caches, ~6 min
 #
 # Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
 # this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
@@ -28,6 +28,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site --up
 TOK=.gpukit/tok
 PLAN_2_75='{"plan": "bases/smollm2-135m.plans.json:2.75x", "basis": "bases/smollm2-135m.safetensors"}'
 PLAN_4X_W64='{"plan": "bases/smollm2-135m.plans.json:4x", "exact_window": 64, "exact_sink": 1}'
+PLAN_4X_W64_I8='{"plan": "bases/smollm2-135m.plans.json:4x", "exact_window": 64, "exact_sink": 1, "exact_dtype": "int8"}'
 INT4_W32='{"format": "int4", "basis": "bases/smollm2-135m.safetensors", "exact_window": 32, "exact_sink": 1}'
 SHARE=(--gpu-memory-utilization 0.05)  # engines side by side: vLLM then only checks this much is free
 
@@ -70,10 +71,11 @@ case $step in
       --variants auto,fp8,lr:int8,lr:int4 --out "$OUT" --work /tmp/bs-lat 2>&1 | grep -v "it/s\]" | tail -12 ;;
   layered)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "ring" > "$OUT/gpu_ring_tests.log" 2>&1 &
-    python3 -P -m vllm_lowrank.serve_check --parallel 2 --out /tmp/sc-layered --formats "$INT4_W32" "$PLAN_4X_W64" \
+    python3 -P -m vllm_lowrank.serve_check --parallel 3 --out /tmp/sc-layered --formats "$INT4_W32" "$PLAN_4X_W64" \
+      "$PLAN_4X_W64_I8" \
       -- "${SHARE[@]}" --kv-cache-memory-bytes 2147483648 --no-enable-prefix-caching > "$OUT/serve_layered.txt" 2>&1 &
     python3 -P -m vllm_lowrank.evaluate --token-windows out/wiki-40.json --windows 40 \
-      --plans bases/smollm2-135m.plans.json "${SHARE[@]}" --formats vllm plan:4x "$PLAN_4X_W64" "$INT4_W32" \
+      --plans bases/smollm2-135m.plans.json "${SHARE[@]}" --formats vllm "$PLAN_4X_W64" "$PLAN_4X_W64_I8" "$INT4_W32" \
       --json "$OUT/ppl-layered-40w.json" > "$OUT/ppl-layered.log" 2>&1 &
     wait
     grep -h "lowrank KV cache formats\|lowrank attention on\|Graph capturing finished" /tmp/sc-layered/serve-*.log \
@@ -82,7 +84,7 @@ case $step in
     grep -A 8 "^smollm2" "$OUT/ppl-layered.log" ;;
   throughput-layered)
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 5 --out "$OUT" --work /tmp/bs-1b-l \
-      --variants auto,fp8,lr:int4,lr:int4-w32,lr:plan-4x-w64 2>&1 | grep -v "it/s\]" | tail -10 ;;
+      --variants auto,fp8,lr:int4,lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8 2>&1 | grep -v "it/s\]" | tail -10 ;;
   kernels)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend_kernels.py \
       -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1 || true
