@@ -6,8 +6,8 @@ KV cache spec's ``max_num_blocks_per_req``, which :class:`vllm_lowrank.layered.L
 raises by its ring blocks (vLLM's v1 runners, the CPU one included, do ask). A request near
 ``max_model_len``, or any request when the ring is large, then overflowed its row: an index-out-of-bounds
 assertion on the H200 with the 4x plan's 65 ring blocks. The wrapper adds each KV cache group's ring
-blocks to the row width it passes to ``BlockTables``. Applied only on CUDA, where that runner runs;
-nothing changes without a layered cache.
+blocks to the row width it passes to ``BlockTables``. Applied by the backend when it builds a layered
+cache (in the worker, before the KV cache is initialised), only on CUDA, where that runner runs.
 """
 
 from __future__ import annotations

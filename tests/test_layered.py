@@ -263,3 +263,19 @@ def test_v2_gpu_runner_block_tables_get_room_for_the_ring():
     source = inspect.getsource(runner.GPUModelRunner.initialize_kv_cache)
     assert "BlockTables(" in source and "max_num_blocks_per_group=max_num_blocks_per_group" in source, (
         "vLLM's GPU runner no longer builds BlockTables as patches/block_tables.py expects")
+
+
+def test_every_patch_refuses_a_vllm_it_was_not_written_for(monkeypatch, tmp_path):
+    """Each monkeypatch (the block-table one added with the GPU ring among them) checks vLLM's version
+    before touching anything, and says what to install."""
+    import vllm
+
+    from vllm_lowrank.patches import ALL, bench_gate, block_tables
+    from vllm_lowrank.patches._compat import UnsupportedVLLMVersion
+
+    monkeypatch.setattr(vllm, "__version__", "0.27.1")
+    for module in (*ALL, block_tables):
+        with pytest.raises(UnsupportedVLLMVersion, match="vllm==0.26.0"):
+            module.apply()
+    with pytest.raises(UnsupportedVLLMVersion, match="0.27.1"):
+        bench_gate.apply(tmp_path / "gate")

@@ -187,6 +187,10 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             self.vllm_config.model_config.get_total_num_hidden_layers()))
         self.state: LayerState | None = None
         self._prefill_compiled = False
+        if self.config.layered:
+            from .patches import block_tables
+
+            block_tables.apply()  # room for the ring in the v2 GPU runner's block tables (CUDA only)
 
     def _state(self, layer: AttentionLayer, device: torch.device) -> LayerState:
         if self.state is None:
@@ -237,8 +241,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         st = self._state(layer, q.device)
 
-        if not self._prefill_compiled and q.device.type == "cuda":
-            self._compile_prefill(q, kv_cache, md, st)
+        if not self._prefill_compiled and q.device.type == "cuda" and not self.config.layered:
+            self._compile_prefill(q, kv_cache, md, st)  # (a layered cache does not run the prefill kernel)
         nd, ndt = md.num_decodes, md.num_decode_tokens
         if self.config.layered:
             self._layered(md, q, key, value, kv_cache, st, out)
