@@ -206,22 +206,11 @@ def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, r
     ``window + p`` if ``p < sink``. Same bytes as :func:`vllm_lowrank.layered.store_exact` for tokens
     that end their request's sequence; no host sync (CUDA-graph safe).
     """
-    from vllm_lowrank.layered import ring_cache, ring_transforms
+    from vllm_lowrank.layered import ring_cache, ring_store_slots, ring_transforms
 
     if req_of_token.shape[0] == 0:
         return
     cache = ring_cache(kv_cache, ring)
-    t = cache.shape[2]
-    req = req_of_token.long()
-    real = req >= 0
-    req = req.clamp(min=0)
-    pos = positions.long()
-    real &= pos < seq_lens[req]
-    targets = []
-    if window:
-        targets.append((real & (pos >= seq_lens[req] - window), pos % window))
-    if sink:
-        targets.append((real & (pos < sink), (window + pos).clamp(max=window + sink - 1)))
-    for keep, index in targets:
-        slots = ring_table[req, index // t].long() * t + index % t
-        store(key, value, cache, torch.where(keep, slots, -1), ring, ring_transforms(ring, kv_cache.shape[1]))
+    last = seq_lens[req_of_token.long().clamp(min=0)].long() - 1
+    for slots in ring_store_slots(ring_table, req_of_token, positions, last, window, sink, cache.shape[2]):
+        store(key, value, cache, slots, ring, ring_transforms(ring, kv_cache.shape[1]))

@@ -277,9 +277,7 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             from .layered import store_exact
 
             self._layered_requests(md, range(md.num_reqs), q, key, value, kv_cache, st, out, ring)
-            real = md.req_of_token[:n] >= 0
-            store_exact(k[real], v[real], kv_cache, md.ring_table, md.req_of_token[:n][real], md.positions[:n][real],
-                        w, s, ring)
+            store_exact(k, v, kv_cache, md.ring_table, md.req_of_token[:n], md.positions[:n], w, s, ring)
             return
         from . import kernels
 

@@ -119,8 +119,8 @@ def new_token_slots(block_table: torch.Tensor, query_start_loc: torch.Tensor, nu
     req_c = req.clamp(max=rows - 1)
     positions = positions.long()
     real &= (positions >= 0) & (positions < seq_lens[req_c])
-    col = (ring + positions // block_size).clamp(0, block_table.shape[1] - 1)
-    slots = block_table[req_c, col].long() * block_size + positions % block_size
+    last = (block_table.shape[1] - ring) * block_size - 1  # padding positions may point past the row
+    slots = compressed_slot_mapping(block_table, req_c, positions.clamp(0, last), ring, block_size)
     return torch.where(real, slots, -1), torch.where(real, req, -1)
 
 
@@ -146,31 +146,41 @@ def ring_slots(block_table: torch.Tensor, rows: torch.Tensor, index: torch.Tenso
     return block_table[rows.long(), index // tokens_per_block].long() * tokens_per_block + index % tokens_per_block
 
 
+def ring_store_slots(block_table: torch.Tensor, req_of_token: torch.Tensor, positions: torch.Tensor,
+                     last: torch.Tensor, window: int, sink: int, tokens_per_block: int) -> list[torch.Tensor]:
+    """Ring-cache slots [N] (-1: not written) that new tokens are stored to, without a host sync: ring
+    index ``p % window`` for the last ``window`` positions of their request (``p > last - window``;
+    earlier ones would share their ring slots) and ``window + p`` for ``p < sink``. ``req_of_token``
+    [N]: each token's block-table row (< 0: padding); ``last`` [N]: its request's last position."""
+    req = req_of_token.long()
+    pos = positions.long()
+    real = (req >= 0) & (pos >= 0) & (pos <= last)
+    req = req.clamp(min=0)
+    targets = []
+    if window:
+        targets.append((real & (pos > last - window), pos % window))
+    if sink:
+        targets.append((real & (pos < sink), (window + pos).clamp(0, window + sink - 1)))
+    return [torch.where(keep, ring_slots(block_table, req, index, tokens_per_block), -1) for keep, index in targets]
+
+
 def store_exact(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                 req_of_token: torch.Tensor, positions: torch.Tensor, window: int, sink: int,
                 ring: SlotLayout | None = None) -> None:
     """Write new tokens' exact K/V [N, H, D] to ring index ``p % window`` and, if ``p < sink``, also to
-    ``window + p`` (``req_of_token`` [N]: each token's block-table row), as slots of ``ring`` (default:
-    the model dtype's)."""
+    ``window + p`` (``req_of_token`` [N]: each token's block-table row, < 0 for padding), as slots of
+    ``ring`` (default: the model dtype's); a request's last position is its last new token's.
+    :func:`vllm_lowrank.kernels.store_ring` is the same with the requests' lengths given."""
     if key.shape[0] == 0:
         return
     ring = ring or ring_layout(key.shape[-1], key.dtype)
     cache = ring_cache(kv_cache, ring)
-    positions = positions.long()
-    targets = []
-    if window:  # only each request's last ``window`` new tokens: earlier ones would share their ring slots
-        rows = req_of_token.long()
-        last = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=key.device)
-        last = last.scatter_reduce(0, rows, positions, "amax")
-        recent = (positions > last[rows] - window).nonzero().flatten()
-        targets.append((recent, positions[recent] % window))
-    if sink:
-        first = (positions < sink).nonzero().flatten()
-        targets.append((first, window + positions[first]))
-    for sel, index in targets:
-        if sel.numel():
-            slots = ring_slots(block_table, req_of_token[sel], index, cache.shape[2])
-            reference.store(key[sel], value[sel], cache, slots, ring, ring_transforms(ring, key.shape[1]))
+    req = req_of_token.long()
+    pos = torch.where(req >= 0, positions.long(), -1)
+    last = torch.full((block_table.shape[0],), -1, dtype=torch.long, device=key.device)
+    last = last.scatter_reduce(0, req.clamp(min=0), pos, "amax")[req.clamp(min=0)]
+    for slots in ring_store_slots(block_table, req, pos, last, window, sink, cache.shape[2]):
+        reference.store(key, value, cache, slots, ring, ring_transforms(ring, key.shape[1]))
 
 
 def read_exact(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int, window: int, sink: int,
