@@ -10,6 +10,12 @@ requests/s, output tokens/s, and ratios to ``auto`` and to ``fp8``; the table is
 every variant, so a command cut short still shows what it measured. ``--latency 1,32``: ``vllm bench
 latency`` instead, with ample memory.
 
+The ceiling, ``auto-ample``: vLLM's bf16 cache with ``--ample-kv-cache-memory-bytes`` (16 GiB) of KV
+cache instead of the table's size, so that every prompt of the batch is resident at once. It is limited
+by the GPU, not by KV capacity: no KV format that only adds capacity can beat it with vLLM's own
+kernels (one that also reads fewer bytes a decode step, such as fp8, can exceed it by that saving).
+A line below the table says whether the batch did fit.
+
 Shapes: ``1b`` (hidden 2048, 16 layers, 32/8 heads, head_dim 64, vocab 128256; the reference table of
 shared/gpu/README.md), ``8b`` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, head_dim 128).
 """
@@ -21,13 +27,57 @@ import json
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from vllm_lowrank import bundled
 from vllm_lowrank.shapes import SHAPES, make_basis, make_model
 from vllm_lowrank.side_by_side import Job, run_side_by_side, worker_command
 
 VLLM_VARIANTS = ["auto", "fp8", "int8_per_token_head", "int4_per_token_head"]
+
+# KV cache of the ceiling ``auto-ample`` (default of --ample-kv-cache-memory-bytes): 16 GiB holds 524,288
+# bf16 tokens of the 1B shape (32 KiB a token), more than the default batch's 256 x (1024 + 256) = 327,680,
+# so every prompt runs at once (vLLM's default max_num_seqs on an H200 is 1024). The 8B shape (128 KiB a
+# token) needs 64 GiB for its 64 x 8192 table. With an explicit KV size vLLM only checks at start-up that
+# --gpu-memory-utilization of the GPU is free, so this engine still starts beside the table's others.
+AMPLE_KV_CACHE_MEMORY_BYTES = 16 << 30
+
+
+class Derived(NamedTuple):
+    """A variant that runs another variant's settings with some of the table's arguments replaced:
+    ``replace`` maps a flag of the command line (``vllm bench``'s, which profile_serving.py shares) to
+    its new value."""
+
+    base: str
+    replace: dict[str, str]
+    note: str
+
+
+def derived_variants(ample_kv_cache_memory_bytes: int = AMPLE_KV_CACHE_MEMORY_BYTES) -> dict[str, Derived]:
+    """The derived variants, by name: ``auto-ample``, the ceiling (module docstring)."""
+    gib = ample_kv_cache_memory_bytes / (1 << 30)
+    return {"auto-ample": Derived("auto", {"--kv-cache-memory-bytes": str(ample_kv_cache_memory_bytes)},
+                                  f"auto with {gib:g} GiB of KV cache, the ceiling: limited by the GPU, not by "
+                                  "KV capacity (only a format that reads fewer bytes can beat it, a little)")}
+
+
+def replace_args(args: Sequence[str], replace: dict[str, str]) -> list[str]:
+    """``args`` with the value after each flag of ``replace`` replaced. A flag that ``args`` lacks is an
+    error: a replacement must never silently do nothing."""
+    out = list(args)
+    for flag, value in replace.items():
+        if flag not in out:
+            raise ValueError(f"{flag} is not in the command line {out}")
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def is_layered(settings: dict) -> bool:
+    """Whether plugin settings make a layered cache (first/last tokens also kept exact). Its rings are per
+    request, so vLLM must run it with prefix caching off (:func:`vllm_lowrank.checks.check_layered`)."""
+    return bool(settings.get("exact_window") or settings.get("exact_sink"))
 
 
 PLANS = Path(bundled("smollm2-135m.plans.json"))
@@ -69,6 +119,29 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
     }
     return {name: {**v, "basis": str(basis)} if v["format"].startswith("lowrank") or "layers" in v else v
             for name, v in variants.items()}
+
+
+def variant_args(shape: str, basis: Path, derived: dict[str, Derived]) -> dict[str, list[str]]:
+    """Every variant's own vLLM arguments, by name: vLLM's KV cache dtype or this plugin's settings (a
+    derived variant takes its base's; its replacements apply to the whole command line)."""
+    variants = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
+    for name, settings in plugin_variants(shape, basis).items():
+        variants[name] = ["--attention-backend", "lowrank", "--additional-config", json.dumps({"lowrank": settings})]
+        if is_layered(settings):
+            variants[name].append("--no-enable-prefix-caching")
+    for name, d in derived.items():
+        variants[name] = list(variants[d.base])
+    return variants
+
+
+def fit_note(row: dict, batch_tokens: int) -> str:
+    """Whether a row's KV cache held the whole batch (``batch_tokens``: prompts x (input + output))."""
+    if not row.get("kv_tokens"):
+        return "KV cache size unknown"
+    if row["kv_tokens"] >= batch_tokens:
+        return f"its {row['kv_tokens']:,} KV tokens hold the whole batch ({batch_tokens:,})"
+    return (f"NOT a ceiling here: its {row['kv_tokens']:,} KV tokens hold less than the batch's {batch_tokens:,} "
+            f"(raise --ample-kv-cache-memory-bytes)")
 
 
 def _job_output(job: Job) -> tuple[dict, str, dict | None]:
@@ -135,7 +208,8 @@ def print_latency_table(rows: list[dict]) -> None:
         print(f"{r['variant']:<22} {r['batch']:>6} {r['p50_latency_s']:>9.4f} {r['avg_latency_s']:>8.4f} {ratio:>7}")
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], notes: dict[str, str] | None = None) -> None:
+    """The throughput table; ``notes`` (variant -> text) are printed below it for the variants it has."""
     by = {r["variant"]: r for r in rows}
 
     def ratio(r, base, key):
@@ -152,6 +226,9 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('requests_per_s', 0):>8.2f} {r.get('output_tokens_per_s', 0):>10,.0f} "
               f"{ratio(r, 'auto', 'output_tokens_per_s'):>7} {ratio(r, 'fp8', 'output_tokens_per_s'):>7} "
               f"{ratio(r, 'auto', 'kv_tokens'):>9}")
+    for name, text in (notes or {}).items():
+        if name in by:
+            print(f"{name}: {text}")
 
 
 def main() -> None:
@@ -161,9 +238,13 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
                          "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x, "
-                         "layered: lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8)")
+                         "layered: lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8; "
+                         "the ceiling: auto-ample)")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
                     help="KV cache of the throughput runs (memory pressure); default 1 GiB")
+    ap.add_argument("--ample-kv-cache-memory-bytes", type=int, default=AMPLE_KV_CACHE_MEMORY_BYTES,
+                    help="KV cache of the ceiling auto-ample instead of --kv-cache-memory-bytes; default 16 GiB, "
+                         "which holds the 1B shape's default batch (the 8B shape's 64 x 8k needs 64 GiB)")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=256)
@@ -197,11 +278,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
     basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
-    variants: dict[str, list[str]] = {v: ["--kv-cache-dtype", v] for v in VLLM_VARIANTS}
-    for name, settings in plugin_variants(args.shape, basis).items():
-        variants[name] = ["--attention-backend", "lowrank", "--additional-config", json.dumps({"lowrank": settings})]
-        if settings.get("exact_window") or settings.get("exact_sink"):
-            variants[name].append("--no-enable-prefix-caching")  # a layered cache's rings are per request
+    derived = derived_variants(args.ample_kv_cache_memory_bytes)
+    variants = variant_args(args.shape, basis, derived)
     chosen = args.variants.split(",") if args.variants else list(variants)
     unknown = [v for v in chosen if v not in variants]
     if unknown:
@@ -225,8 +303,10 @@ def main() -> None:
                 bench = ["bench", "throughput", "--dataset-name", "random", "--random-input-len", str(args.input_len),
                          "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
                          "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
-            cmd = worker_command(gate, [*bench, *common, "--output-json", str(output_json(gate)),
-                                        *variants[name], *args.extra])
+            vllm_args = [*bench, *common, "--output-json", str(output_json(gate)), *variants[name]]
+            if name in derived:
+                vllm_args = replace_args(vllm_args, derived[name].replace)
+            cmd = worker_command(gate, [*vllm_args, *args.extra])
             # run outside the source checkout, so that the installed plugin (not the source folder) is imported
             jobs.append(Job(tag, cmd, gate, work / "logs" / f"{tag}.log", cwd=work))
             what[tag] = (name, batch)
@@ -249,7 +329,9 @@ def main() -> None:
             print(f"\nshape {args.shape}, {args.num_prompts} prompts of {args.input_len} in / {args.output_len} out, "
                   f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes}, --max-model-len {args.max_model_len}",
                   flush=True)
-            print_table(rows)
+            batch_tokens = args.num_prompts * (args.input_len + args.output_len)
+            print_table(rows, {r["variant"]: f"{derived[r['variant']].note}; {fit_note(r, batch_tokens)}"
+                               for r in rows if r["variant"] in derived})
 
     run_side_by_side(jobs, args.parallel, on_done)
 

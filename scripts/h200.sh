@@ -12,14 +12,20 @@
 #                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
-#   bash scripts/h200.sh layered        # layered cache: ring kernel tests, `vllm serve` checks (3 formats) and
+#   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and
 #                                       # perplexity (40 windows; carry as for ppl), side by side, ~5 min
-#   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, int4 and three layered caches, ~6 min
+#   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, the ceiling auto-ample (bf16 with 16 GiB
+#                                       # of KV cache: the whole batch at once), int4 and three layered caches,
+#                                       # 7 engines side by side, ~6 min
+#   bash scripts/h200.sh profile-layered  # torch.profiler over one 1B batch under memory pressure (1 GiB of KV,
+#                                       # 128 prompts, 1024 in / 256 out): fp8, int4 and the 4x plan's layered cache, one
+#                                       # after another (start-up each), cut at 9 min; profile-layered.log and
+#                                       # profile-*.json; prints each variant's summary line
 #
 # Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
 # this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
 set -euo pipefail
-step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|layered|throughput-layered}
+step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|layered|throughput-layered|profile-layered}
 OUT=${OUT:-/tmp/h200-out}
 mkdir -p "$OUT"
 source /tmp/site/env.sh
@@ -70,7 +76,7 @@ case $step in
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --latency 1,32 --parallel 8 \
       --variants auto,fp8,lr:int8,lr:int4 --out "$OUT" --work /tmp/bs-lat 2>&1 | grep -v "it/s\]" | tail -12 ;;
   layered)
-    python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "ring" > "$OUT/gpu_ring_tests.log" 2>&1 &
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "ring or prefill" > "$OUT/gpu_ring_tests.log" 2>&1 &
     python3 -P -m vllm_lowrank.serve_check --parallel 3 --out /tmp/sc-layered --formats "$INT4_W32" "$PLAN_4X_W64" \
       "$PLAN_4X_W64_I8" \
       -- "${SHARE[@]}" --kv-cache-memory-bytes 2147483648 --no-enable-prefix-caching > "$OUT/serve_layered.txt" 2>&1 &
@@ -83,8 +89,15 @@ case $step in
     tail -3 "$OUT/gpu_ring_tests.log"; grep -v "^(\|^INFO\|^WARNING" "$OUT/serve_layered.txt" | tail -12
     grep -A 8 "^smollm2" "$OUT/ppl-layered.log" ;;
   throughput-layered)
-    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 5 --out "$OUT" --work /tmp/bs-1b-l \
-      --variants auto,fp8,lr:int4,lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8 2>&1 | grep -v "it/s\]" | tail -10 ;;
+    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 7 --out "$OUT" --work /tmp/bs-1b-l \
+      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8 2>&1 \
+      | grep -v "it/s\]" | tail -12 ;;
+  profile-layered)
+    # `timeout` leaves the device call time to print what finished (each variant is printed when done)
+    timeout 540 python3 -P scripts/profile_serving.py --shape 1b --tokenizer $TOK --kv-cache-memory-bytes 1073741824 \
+      --variants fp8,lr:int4,lr:plan-4x-w64-int8 --num-prompts 128 --output-len 256 --out "$OUT" \
+      > "$OUT/profile-layered.log" 2>&1 || echo "profile_serving.py exited with status $?"
+    grep "^## " "$OUT/profile-layered.log" ;;
   kernels)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend_kernels.py \
       -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1 || true

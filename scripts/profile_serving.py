@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Where the time goes in an offline vLLM batch: torch.profiler over ``LLM.generate``, per variant.
 
-For each variant (the names of ``bench_serving.py``), a fresh process runs the engine in-process
+For each variant (the names of ``bench_serving.py``, with its settings: layered caches run with prefix
+caching off, ``auto-ample`` with its larger KV cache), a fresh process runs the engine in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), warms up, then profiles one batch of random prompts and prints
-the wall time, output tokens/s, CUDA time by kernel family (ours, FlashAttention, GEMM, other) and the
-top kernels and host ops. GPU only.
+the KV cache size, wall time, output tokens/s, CUDA time by kernel family (ours, FlashAttention, GEMM,
+other) and the top kernels and host ops. Each variant is printed (and ``profile.json`` written) as soon
+as it is done, so a command cut short still shows what it measured; the lines starting with ``## ``
+are the summary. GPU only.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import plugin_variants  # noqa: E402
+from bench_serving import derived_variants, is_layered, plugin_variants, replace_args  # noqa: E402
 
 from vllm_lowrank.shapes import SHAPES, make_basis, make_model  # noqa: E402
 
@@ -29,6 +32,8 @@ FAMILIES = (("ours", ("_decode_", "_prefill_kernel", "_store_kernel")), ("flash"
 def child(args) -> None:
     import torch
     from vllm import LLM, SamplingParams
+
+    from vllm_lowrank.engine import kv_cache_tokens
 
     kw = json.loads(args.engine_kwargs)
     llm = LLM(model=str(args.model), load_format="dummy", max_model_len=args.max_model_len,
@@ -60,16 +65,32 @@ def child(args) -> None:
     for name, ms, _ in kernels:
         f = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
         fam[f] = fam.get(f, 0.0) + ms
-    res = {"wall_s": wall, "out_tok_s": ntok / wall, "cuda_ms": sum(ms for _, ms, _ in kernels),
+    res = {"kv_tokens": kv_cache_tokens(llm), "wall_s": wall, "out_tok_s": ntok / wall,
+           "cuda_ms": sum(ms for _, ms, _ in kernels),
            "families_ms": fam, "top_kernels": kernels[:args.top], "top_host": host[:args.top]}
     Path(args.result).write_text(json.dumps(res, indent=1))
+
+
+def print_result(name: str, r: dict) -> None:
+    """One variant's summary line (``## ``) and its top kernels and host ops."""
+    if "error" in r:
+        print(f"\n## {name}: ERROR {r['error']}", flush=True)
+        return
+    fam = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["families_ms"].items(), key=lambda x: -x[1]))
+    print(f"\n## {name}: {r['kv_tokens']:,} KV tokens, wall {r['wall_s']:.2f} s, {r['out_tok_s']:,.0f} out tok/s, "
+          f"CUDA {r['cuda_ms']:.0f} ms ({fam})")
+    for title, rows in (("kernels (ms, calls)", r["top_kernels"]), ("host ops, self (ms, calls)", r["top_host"])):
+        print(f"  {title}:")
+        for key, ms, n in rows:
+            print(f"    {ms:9.1f} {n:7d}  {key[:110]}")
+    sys.stdout.flush()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--tokenizer", type=Path, default=Path("/tmp/smollm2"))
-    ap.add_argument("--variants", default="auto,lr:int8")
+    ap.add_argument("--variants", default="auto,lr:int8", help="comma-separated names of bench_serving.py")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=64)
@@ -92,35 +113,30 @@ def main() -> None:
     work = Path(tempfile.gettempdir()) / "profile_serving"  # scratch, outside --out (results only there)
     model = make_model(args.shape, args.tokenizer, work / f"model-{args.shape}")
     basis = make_basis(args.shape, work / f"basis-{args.shape}.safetensors")
-    ours = plugin_variants(args.shape, basis)
+    ours, derived = plugin_variants(args.shape, basis), derived_variants()
     results = {}
     for name in tqdm(args.variants.split(","), desc="profile"):
-        if name in ours:
-            kw = {"attention_backend": "lowrank", "additional_config": {"lowrank": ours[name]}}
+        base = derived[name].base if name in derived else name
+        if base in ours:
+            kw = {"attention_backend": "lowrank", "additional_config": {"lowrank": ours[base]}}
+            if is_layered(ours[base]):
+                kw["enable_prefix_caching"] = False
         else:
-            kw = {"kv_cache_dtype": name}
+            kw = {"kv_cache_dtype": base}
         res = out / f"profile-{name.replace(':', '_')}.json"
         cmd = [sys.executable, __file__, "--child", "--model", str(model), "--engine-kwargs", json.dumps(kw),
                "--result", str(res), "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--max-model-len", str(args.max_model_len),
                "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes), "--top", str(args.top)]
+        if name in derived:
+            cmd = replace_args(cmd, derived[name].replace)
         proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True,
                               env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         (out / f"profile-{name.replace(':', '_')}.log").write_text(proc.stdout + proc.stderr)
         results[name] = json.loads(res.read_text()) if proc.returncode == 0 and res.is_file() else {
             "error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
-    (out / "profile.json").write_text(json.dumps(results, indent=1))
-    for name, r in results.items():
-        if "error" in r:
-            print(f"\n## {name}: ERROR {r['error']}")
-            continue
-        fam = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["families_ms"].items(), key=lambda x: -x[1]))
-        print(f"\n## {name}: wall {r['wall_s']:.2f} s, {r['out_tok_s']:,.0f} out tok/s, CUDA {r['cuda_ms']:.0f} ms "
-              f"({fam})")
-        for title, rows in (("kernels (ms, calls)", r["top_kernels"]), ("host ops, self (ms, calls)", r["top_host"])):
-            print(f"  {title}:")
-            for key, ms, n in rows:
-                print(f"    {ms:9.1f} {n:7d}  {key[:110]}")
+        (out / "profile.json").write_text(json.dumps(results, indent=1))
+        print_result(name, results[name])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The backend's Triton path inside vLLM, on the CPU: kernels run in Triton's interpreter.
 
 On a GPU the backend stores with the Triton store kernel, decodes with the split-KV kernel and runs
-continuation chunks and prefix-cache hits through the paged prefill kernel. Here the same plumbing
+continuation chunks and prefix-cache hits through the paged prefill kernel (a layered cache's too). Here the same plumbing
 (metadata, strides, dtypes, request runs) is driven by vLLM's CPU build with
 ``VLLM_LOWRANK_KERNELS=triton`` and ``TRITON_INTERPRET=1``, on a tiny two-layer Llama with dummy
 weights (the interpreter is slow), and must give the same greedy tokens as the PyTorch path. The
@@ -79,7 +79,7 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize("settings", [
     {"format": {"k": "hadamard+int4", "v": "int8"}},
     # a layered cache: decodes write the ring (kernel) and read it in the decode kernel; the 150-token
-    # prompt's continuation chunks run the PyTorch path and are written into the ring after it
+    # prompt's continuation chunks read it in the prefill kernel and are written into it afterwards
     {"format": {"k": "hadamard+int4", "v": "int8"}, "exact_window": 8, "exact_sink": 1},
     {"format": {"k": "hadamard+int4", "v": "int8"}, "exact_window": 8, "exact_sink": 1, "exact_dtype": "int8"},
 ], ids=["int4-k-int8-v", "layered-w8-s1", "layered-w8-s1-int8-ring"])

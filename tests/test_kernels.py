@@ -427,10 +427,11 @@ def test_compile_prefill_gpu(spec, seed):
 
 # ------------------------------------------------------------------------------------ layered cache ring
 
-def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, window, sink, ring):
-    """A poisoned cache with each request's tokens stored compressed and, all but its last, in its ring
-    (by the PyTorch path, as slots of ``ring``); rows are ring blocks first, then compressed blocks,
-    shuffled ids."""
+def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, window, sink, ring, q_lens=None):
+    """A poisoned cache with each request's tokens stored compressed and, all but its last ``q_lens[i]``
+    (default 1: a decode), in its ring (by the PyTorch path, as slots of ``ring``); rows are ring blocks
+    first, then compressed blocks, shuffled ids. Returns the cache, the table, the ring blocks and the K
+    and V of the tokens not in the rings, concatenated over requests."""
     from vllm_lowrank.formats import ring_tokens_per_block
     from vllm_lowrank.layered import compressed_slot_mapping, ring_blocks, store_exact
 
@@ -454,10 +455,11 @@ def _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device, win
         req = torch.zeros(s, dtype=torch.long, device=device)
         reference.store(keys, values, cache, compressed_slot_mapping(table[i:i + 1], req, pos, k, block_size),
                         layout, tr)
-        store_exact(keys[:-1], values[:-1], cache, table[i:i + 1, :k], req[:-1], pos[:-1], window, sink, ring)
-        last_k.append(keys[-1])
-        last_v.append(values[-1])
-    return cache, table, k, torch.stack(last_k), torch.stack(last_v)
+        held = s - (q_lens[i] if q_lens else 1)
+        store_exact(keys[:held], values[:held], cache, table[i:i + 1, :k], req[:held], pos[:held], window, sink, ring)
+        last_k.append(keys[held:])
+        last_v.append(values[held:])
+    return cache, table, k, torch.cat(last_k), torch.cat(last_v)
 
 
 LAYERED_CASES = [
@@ -540,6 +542,73 @@ def test_store_ring_chunks_and_padding(device, exact, seed):
     K.store_ring(keys, values, cache, table[:, :k], req, pos, sl, window, sink, ring)
     assert torch.equal(cache, expected), f"seed={seed}"
 
+
+
+LAYERED_PREFILL_CASES = [
+    # (seq_len, q_len): continuation chunks longer and shorter than the window, whole prompts read from
+    # the cache (prefill_from_cache), a decode, prompts shorter than the window
+    dict(spec="int4", window=8, sink=1, seq_q=((70, 30), (40, 3), (20, 20), (9, 1), (6, 2))),
+    dict(spec="int4", window=8, sink=1, seq_q=((70, 30), (40, 3), (20, 20), (9, 1), (6, 2)), exact="int8",
+         dtype=torch.bfloat16),
+    dict(spec="lowrank+int8", window=5, sink=2, seq_q=((33, 12), (8, 8), (2, 1), (50, 40)), dtype=torch.float16,
+         block_m=16),
+    dict(spec="int8/int4", window=0, sink=3, seq_q=((50, 20), (4, 4), (30, 1)), exact="int8"),  # identity int4 V
+    dict(spec="r16/int8", window=33, sink=0, seq_q=((90, 50), (34, 1), (35, 35)), block_n=32),
+    dict(spec="r24+int8/int4", window=3, sink=20, seq_q=((60, 45), (23, 2), (10, 10)), block_size=32, block_n=16,
+         group=4, dtype=torch.bfloat16),
+]
+
+
+def _check_layered_prefill(spec, device, seed, *, window, sink, seq_q, dtype=torch.float32, h=2, group=3, d=64,
+                           block_size=16, block_n=16, block_m=32, exact="model"):
+    from vllm_lowrank.formats import ring_layout
+    from vllm_lowrank.layered import layered_attention
+
+    layout, tr = _setup(spec, h, d, dtype, device)
+    ring = ring_layout(d, dtype, exact)
+    seq_lens, q_lens = [s for s, _ in seq_q], [n for _, n in seq_q]
+    cache, table, k, keys, values = _layered_requests(seq_lens, h, d, block_size, layout, tr, dtype, device,
+                                                      window, sink, ring, q_lens)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    scale = d ** -0.5
+    q = _kv(qsl[-1], h * group, d, dtype, device)[0]
+    ref = torch.empty_like(q)
+    for i, s in enumerate(seq_lens):
+        a, b = qsl[i], qsl[i + 1]
+        layered_attention(q[a:b], keys[a:b], values[a:b], cache, table[i], k, s, window, sink, layout, tr, scale,
+                          ref[a:b], ring)
+    plain = torch.empty_like(q)
+    reference.paged_attention(q, cache, table[:, k:], seq_lens, qsl, layout, tr, scale, plain)
+    tol = _tol(dtype, layout)
+    assert _rel(plain, ref) > 3 * tol, f"seed={seed}: the ring would not be missed; the test could not fail"
+
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    qs = torch.tensor(qsl, dtype=torch.int32, device=device)
+    before = cache.clone()
+    kw = dict(block_m=block_m, block_n=block_n, ring_table=table[:, :k], window=window, sink=sink, ring_slot=ring,
+              key=keys, value=values)
+    out = torch.full_like(q, float("nan"))
+    K.paged_attention(q, cache, table[:, k:], sl, qs, max(q_lens), layout, tr, scale, out, **kw)
+    assert torch.equal(cache, before), f"seed={seed}: attention wrote to the cache"
+    _check_close(out, ref, dtype, layout, f"seed={seed} {spec} W={window} S={sink} ring {exact}")
+    part = torch.full_like(q, float("nan"))  # requests 1.. only (the backend's runs): exactly their rows
+    K.paged_attention(q, cache, table[:, k:], sl, qs, max(q_lens[1:]), layout, tr, scale, part,
+                      requests=(1, len(seq_q)), **kw)
+    assert part[:qsl[1]].isnan().all() and torch.equal(part[qsl[1]:], out[qsl[1]:]), f"seed={seed}: partial launch"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", LAYERED_PREFILL_CASES,
+                         ids=lambda c: f"{c['spec']}-W{c['window']}-S{c['sink']}-{c.get('exact', 'model')}")
+def test_prefill_reads_the_ring(case, device, seed):
+    """Chunked prefill with a layered cache: each query reads exact its last W and first S positions,
+    from the ring (positions before the chunk) or from the chunk's own K/V (never from the ring, which
+    the chunk would overwrite), the rest compressed; against the oracle's layered attention. Chunks
+    longer and shorter than the window, sink-only and window-only, a sink past the first tile,
+    identity int4 values, rings in the model dtype and in int8."""
+    _check_layered_prefill(case["spec"], device, seed, **{k: v for k, v in case.items() if k != "spec"})
 
 # --------------------------------------------------------------------------------------------- real K/V
 

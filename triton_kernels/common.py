@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.formats import STORAGES, SlotLayout, TensorSlot
+from vllm_lowrank.formats import STORAGES, SlotLayout, TensorSlot, ring_tokens_per_block
 
 # storage codes as the kernels see them (index into formats.STORAGES)
 MODEL: tl.constexpr = tl.constexpr(STORAGES.index("model"))
@@ -536,6 +536,86 @@ def store_output(o_a, o_b, out_rows, row_mask, basis_ptr, offset_ptr, h,
                 o_b_out += tl.load(offset_ptr + h * D + ch_b, mask=ch_b < D, other=0.0)[None, :]
             tl.store(out_rows[:, None] + ch_b[None, :], o_b_out.to(out_rows.dtype.element_ty),
                      mask=row_mask[:, None] & (ch_b[None, :] < D))
+
+
+# --- a layered cache's ring: exact tokens beside the compressed ones ----------------------------------
+# Ring index ``j`` of a request is slot ``j % RING_T`` of ring page ``ring_row[j // RING_T]``: a page of
+# ``RING_T`` slots of the ring layout (the model dtype, or int8 with per-token scales), field by field like
+# a cache page. Once a request's first ``n`` tokens are stored, index ``p % RING_W`` holds position ``p``
+# of ``[n - RING_W, n)`` and index ``RING_W + p`` position ``p < RING_S`` (only where the window does not
+# hold it). Exact scores are ``q . (k - c_k)`` and exact values enter as ``v - c_v``, as the compressed
+# ones approximate them; float32 (IEEE) dots: the exact tokens are a few dozen a query.
+
+
+def ring_constexprs(ring: SlotLayout, block_size: int, slot_bytes: int) -> dict:
+    """The ``RING_*`` constexprs of ring slots ``ring`` (:func:`vllm_lowrank.formats.ring_layout`) on the
+    pages of a cache of ``block_size`` slots of ``slot_bytes``."""
+    c = layout_constexprs(ring)
+    out = {f"RING_{k}": c[k] for k in ("K_OFF", "K_BYTES", "K_SCALE_OFF", "K_T", "V_OFF", "V_BYTES", "V_SCALE_OFF",
+                                       "V_T")}
+    out["RING_T"] = max(1, ring_tokens_per_block(block_size, slot_bytes, ring))
+    out["RING_INT8"] = ring.k.fmt.storage == "int8"
+    return out
+
+
+@triton.jit
+def ring_rows(cache_ptr, page, tok, valid, d, d_mask, OFF: tl.constexpr, NBYTES: tl.constexpr,
+              SCALE_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, RING_INT8: tl.constexpr, RING_T: tl.constexpr,
+              MODEL_DTYPE: tl.constexpr):
+    """K or V rows [N, D_TILE] (float32, zero where not ``valid``) of ring slots ``tok`` of pages ``page``."""
+    m = valid[:, None] & d_mask[None, :]
+    col = d[None, :] * column_stride(TRANSPOSED, RING_T)
+    if RING_INT8:
+        x = tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, tl.int8, TRANSPOSED) + col,
+                    mask=m, other=0).to(tl.float32)
+        scale = tl.load(field_ptr(cache_ptr, page, tok, SCALE_OFF, 2, RING_T, tl.float16), mask=valid, other=0.0)
+        return x * scale.to(tl.float32)[:, None]
+    else:
+        return tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, MODEL_DTYPE, TRANSPOSED)
+                       + col, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def ring_tile(j0, stored, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask,
+              RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+              RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
+              RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
+              RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
+              MODEL_DTYPE: tl.constexpr):
+    """Ring indices ``j0 .. j0 + RING_N`` of a request whose first ``stored`` tokens are in its ring: their
+    positions [RING_N], whether they hold one, and their K and V rows [RING_N, D_TILE] (float32)."""
+    j = j0 + tl.arange(0, RING_N)
+    if RING_W > 0:
+        recent = stored - RING_W  # the window's first position (may be negative)
+        in_window = j < RING_W
+        p = tl.where(in_window, recent + ((j - recent) % RING_W + RING_W) % RING_W, j - RING_W)
+        valid = tl.where(in_window, p >= 0, (j - RING_W < RING_S) & (j - RING_W < recent))
+    else:
+        p = j
+        valid = (j < RING_S) & (j < stored)
+    page = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64) * stride_cblk + head_off
+    tok = j % RING_T
+    k = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
+                  RING_INT8, RING_T, MODEL_DTYPE)
+    v = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T,
+                  RING_INT8, RING_T, MODEL_DTYPE)
+    return p, valid, k, v
+
+
+@triton.jit
+def exact_step(q, qc, k, v, keep, m_i, l_i, acc_x, qk_scale):
+    """One online-softmax step over exact tokens: raw queries ``q`` [M, D_TILE] and ``qc = q . c_k`` [M]
+    (float32), their K and V rows [N, D_TILE] (float32, V less ``c_v``), ``keep`` [M, N] the pairs that
+    attend. NaN-safe for rows with nothing kept yet. Returns ``(m_i, l_i, acc_x)``."""
+    s = (tl.dot(q, tl.trans(k), input_precision="ieee") - qc[:, None]) * qk_scale
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc_x = acc_x * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return m_new, l_i, acc_x
 
 
 def transform_args(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:

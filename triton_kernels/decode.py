@@ -21,12 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.formats import SlotLayout, ring_layout, ring_tokens_per_block
+from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, column_stride, dot, dot_dtypes,
-                     field_ptr, interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
-                     project_queries, store_output, tile_pages, tile_scales, to_dot, transform_args)
+from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, dot, dot_dtypes, exact_step,
+                     interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
+                     project_queries, ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot,
+                     transform_args)
 
 
 # --- token rows: the cached tokens as the dots' M dimension ------------------------------------------
@@ -226,41 +227,16 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _ring_rows(cache_ptr, page, tok, valid, d, d_mask, OFF: tl.constexpr, NBYTES: tl.constexpr,
-               SCALE_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, RING_INT8: tl.constexpr, RING_T: tl.constexpr,
-               MODEL_DTYPE: tl.constexpr):
-    """K or V rows [RING_N, D_TILE] (float32, zero where not ``valid``) of ring slots ``tok`` of pages ``page``."""
-    m = valid[:, None] & d_mask[None, :]
-    col = d[None, :] * column_stride(TRANSPOSED, RING_T)
-    if RING_INT8:
-        x = tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, tl.int8, TRANSPOSED) + col,
-                    mask=m, other=0).to(tl.float32)
-        scale = tl.load(field_ptr(cache_ptr, page, tok, SCALE_OFF, 2, RING_T, tl.float16), mask=valid, other=0.0)
-        return x * scale.to(tl.float32)[:, None]
-    else:
-        return tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, MODEL_DTYPE, TRANSPOSED)
-                       + col, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, h, qk_scale,
-                RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, v_offset_ptr, h,
+                qk_scale, RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
                 RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
                 RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
                 RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
                 D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                HAS_K_OFFSET: tl.constexpr):
-    """Attention of a query group over the exact tokens of its request's ring, the one split in model space.
-
-    A request of ``seq_len`` tokens (the new one already in the ring) holds exact its positions
-    ``[seq_len - RING_W, seq_len)`` at ring index ``p % RING_W`` and ``[0, RING_S)`` at ``RING_W + p``,
-    the latter only where the window does not cover them. Ring index ``j`` is slot ``j % RING_T`` of ring
-    page ``ring_row[j // RING_T]``: a page of ``RING_T`` slots of the ring layout (``RING_*``: the
-    model dtype, or int8 with per-token scales), field by field like a cache page.
-    Scores are ``q . (k - c_k)``, as the compressed ones approximate. Float32 (IEEE) dots: the ring is a
-    few dozen tokens. Returns ``(lse, o)``: log2-sum-exp [G_TILE] (-inf if empty) and the normalised
-    ``sum_j p_j v_j`` [G_TILE, D_TILE].
-    """
+                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+    """Attention of a query group over the exact tokens of its request's ring (the new one already there),
+    the one split in model space (see :func:`ring_tile`). Returns ``(lse, o)``: log2-sum-exp [G_TILE]
+    (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
     q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
@@ -271,29 +247,14 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
     m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_TILE,), dtype=tl.float32)
     acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
-    recent = seq_len - RING_W  # the window's first position (may be negative)
     for j0 in range(0, RING_W + RING_S, RING_N):
-        j = j0 + tl.arange(0, RING_N)
-        if RING_W > 0:
-            p = recent + ((j - recent) % RING_W + RING_W) % RING_W
-            valid = tl.where(j < RING_W, p >= 0, (j - RING_W < RING_S) & (j - RING_W < recent))
-        else:
-            valid = (j < RING_S) & (j < seq_len)
-        page = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64) * stride_cblk + head_off
-        tok = j % RING_T
-        k = _ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
-                       RING_INT8, RING_T, MODEL_DTYPE)
-        v = _ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T,
-                       RING_INT8, RING_T, MODEL_DTYPE)
-        s = (tl.dot(q, tl.trans(k), input_precision="ieee") - qc[:, None]) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
-        m_i = m_new
+        _, valid, k, v = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask, RING_W, RING_S,
+                                   RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
+                                   RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
+        if HAS_V_OFFSET:
+            v -= tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
+        keep = tl.broadcast_to(valid[None, :], (G_TILE, RING_N))  # every held position is exact for the new token
+        m_i, l_i, acc = exact_step(q, qc, k, v, keep, m_i, l_i, acc, qk_scale)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     return lse, acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
@@ -336,10 +297,10 @@ def _decode_merge_kernel(
         q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
         lse_ring, o_ring = _ring_split(q_rows, g_mask, cache_ptr, ring_ptr + b.to(tl.int64) * stride_rb,
                                        stride_cblk, h.to(tl.int64) * STRIDE_CHEAD, tl.load(seq_lens_ptr + b),
-                                       k_offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N, RING_INT8,
-                                       RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
+                                       k_offset_ptr, offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N,
+                                       RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
                                        RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, D, D_TILE, G_TILE, MODEL_DTYPE,
-                                       HAS_K_OFFSET)
+                                       HAS_K_OFFSET, HAS_OFFSET)
         lse_max = lse_ring
     for s in range(num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
@@ -356,11 +317,7 @@ def _decode_merge_kernel(
         w_ring = tl.exp2(lse_ring - lse_max)
         den += w_ring
         den = tl.where(den > 0, den, 1.0)
-        extra = o_ring
-        if HAS_OFFSET:
-            d = tl.arange(0, D_TILE)
-            extra -= tl.load(offset_ptr + h * D + d, mask=d < D, other=0.0)[None, :]
-        extra = extra * (w_ring / den)[:, None]
+        extra = o_ring * (w_ring / den)[:, None]
     else:
         den = tl.where(den > 0, den, 1.0)
         extra = o  # unused
@@ -478,15 +435,12 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
     ring_slot = ring_slot or ring_layout(d, query.dtype)
-    ring_c = {f"RING_{k}": v for k, v in layout_constexprs(ring_slot).items()
-              if k in ("K_OFF", "K_BYTES", "K_SCALE_OFF", "K_T", "V_OFF", "V_BYTES", "V_SCALE_OFF", "V_T")}
-    ring_t = max(1, ring_tokens_per_block(block_size, layout.slot_bytes, ring_slot))
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
         query, query.stride(0), query.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
         ring_table, ring_table.stride(0), seq_lens, k_offset, scale * LOG2E,
         G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
         D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
-        RING_W=window, RING_S=sink, RING_T=ring_t, RING_N=16, RING_INT8=ring_slot.k.fmt.storage == "int8", **ring_c,
+        RING_W=window, RING_S=sink, RING_N=16, **ring_constexprs(ring_slot, block_size, layout.slot_bytes),
         MODEL_DTYPE=TORCH_TO_TL[query.dtype],
         HAS_K_OFFSET=transforms.k.offset is not None, num_warps=4)

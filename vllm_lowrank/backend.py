@@ -241,8 +241,8 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         st = self._state(layer, q.device)
 
-        if not self._prefill_compiled and q.device.type == "cuda" and not self.config.layered:
-            self._compile_prefill(q, kv_cache, md, st)  # (a layered cache does not run the prefill kernel)
+        if not self._prefill_compiled and q.device.type == "cuda":
+            self._compile_prefill(q, kv_cache, md, st)
         nd, ndt = md.num_decodes, md.num_decode_tokens
         if self.config.layered:
             self._layered(md, q, key, value, kv_cache, st, out)
@@ -295,26 +295,38 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
     def _layered_requests(self, md: LowRankMetadata, requests: range, q: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor,
                           ring: SlotLayout) -> None:
-        """Requests through :func:`vllm_lowrank.layered.layered_attention` (before their tokens enter the
-        ring), except a prompt's first chunk without ``prefill_from_cache``, which attends to its own
-        exact K/V as usual."""
-        from .layered import layered_attention
-
+        """Requests that attend before their tokens enter the ring: a prompt's first chunk without
+        ``prefill_from_cache`` attends to its own exact K/V as usual; the others read the ring, their own
+        K/V and the compressed cache, through the prefill kernel (one launch per contiguous run) or, on
+        the PyTorch path, :func:`vllm_lowrank.layered.layered_attention` per request."""
         qsl, seq_lens = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
-        exact = [i for i in requests if qsl[i + 1] > qsl[i] and seq_lens[i] == qsl[i + 1] - qsl[i]
-                 and not self.config.prefill_from_cache]
+        exact, layered = [], []
+        for i in requests:
+            if qsl[i + 1] > qsl[i]:
+                first_chunk = seq_lens[i] == qsl[i + 1] - qsl[i] and not self.config.prefill_from_cache
+                (exact if first_chunk else layered).append(i)
         for a, b in _runs(exact):  # one varlen call per contiguous run of first chunks
             self._exact_prefill(md, qsl, a, b, q, key, value, out)
-        skip = set(exact)
-        for i in requests:
-            q0, q1, length = qsl[i], qsl[i + 1], seq_lens[i]
-            if q1 <= q0 or i in skip:
-                continue
-            row = torch.cat((md.ring_table[i], md.block_table[i]))
-            layered_attention(q[q0:q1], key[q0:q1].view(-1, self.num_kv_heads, self.head_size),
-                              value[q0:q1].view(-1, self.num_kv_heads, self.head_size), kv_cache, row, md.ring,
-                              length, self.config.exact_window, self.config.exact_sink, st.layout,
-                              st.transforms, self.scale, out[q0:q1], ring)
+        n = md.num_actual_tokens
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        w, s = self.config.exact_window, self.config.exact_sink
+        if _ops(q.device) is reference:
+            from .layered import layered_attention
+
+            for i in layered:
+                q0, q1 = qsl[i], qsl[i + 1]
+                row = torch.cat((md.ring_table[i], md.block_table[i]))
+                layered_attention(q[q0:q1], k[q0:q1], v[q0:q1], kv_cache, row, md.ring, seq_lens[i], w, s, st.layout,
+                                  st.transforms, self.scale, out[q0:q1], ring)
+            return
+        from . import kernels
+
+        for a, b in _runs(layered):
+            max_q = max(qsl[i + 1] - qsl[i] for i in range(a, b))
+            kernels.paged_attention(q, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, max_q, st.layout,
+                                    st.transforms, self.scale, out, requests=(a, b), ring_table=md.ring_table,
+                                    window=w, sink=s, ring_slot=ring, key=k, value=v)
 
     def _compile_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, md: LowRankMetadata,
                          st: LayerState) -> None:
@@ -328,8 +340,14 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             return
         from . import kernels
 
+        ring = None
+        if self.config.layered:
+            from .formats import ring_layout
+
+            ring = (md.ring, self.config.exact_window, self.config.exact_sink,
+                    ring_layout(self.head_size, st.layout.model_dtype, self.config.exact_dtype))
         kernels.compile_prefill(kv_cache, md.block_table.stride(0), self.num_heads, q.dtype, st.layout,
-                                st.transforms, self.scale)
+                                st.transforms, self.scale, ring)
         self._prefill_compiled = True
 
     def _prefill(self, md: LowRankMetadata, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -12,9 +12,9 @@ laid out field by field like a cache page of that many slots: position ``p`` goe
 ``p % W`` and, if ``p < S``, also to ``W + p``. Position ``p`` of a sequence of ``n`` tokens is held
 exact when ``p >= n - W`` or ``p < S``.
 
-On CUDA the decode kernel reads the ring as one more split and :func:`vllm_lowrank.kernels.store_ring`
-writes it; continuation chunks (and ``prefill_from_cache`` prompts) go through
-:func:`layered_attention`, the PyTorch path, on every device.
+On CUDA the decode kernel reads the ring as one more split, the prefill kernel reads it for
+continuation chunks (and ``prefill_from_cache`` prompts), and :func:`vllm_lowrank.kernels.store_ring`
+writes it; elsewhere :func:`layered_attention`, the PyTorch path and the kernels' oracle, does.
 
 Prefix caching must be off: ring blocks are per request and are not hashed, and after a prefix-cache
 hit the ring would lack the hit's tokens. (A recompute preemption starts again at position 0, so the
