@@ -11,7 +11,7 @@ Same contracts as the PyTorch oracle in :mod:`vllm_lowrank.reference`.
 
 from .decode import decode_attention, default_num_splits, workspace_numel
 from .prefill import compile_prefill, paged_attention
-from .store import store, store_ring
+from .store import ring_store_targets, store, store_ring
 
-__all__ = ["compile_prefill", "decode_attention", "default_num_splits", "paged_attention", "store", "store_ring",
-           "workspace_numel"]
+__all__ = ["compile_prefill", "decode_attention", "default_num_splits", "paged_attention", "ring_store_targets", "store",
+           "store_ring", "workspace_numel"]

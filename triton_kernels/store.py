@@ -196,7 +196,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
 
 def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, ring_table: torch.Tensor,
                req_of_token: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, window: int,
-               sink: int, ring: SlotLayout) -> None:
+               sink: int, ring: SlotLayout, slots: list[torch.Tensor] | None = None) -> None:
     """Write new tokens' exact K/V [N, H, D] into their requests' rings (a layered cache), as slots of
     ``ring`` (:func:`vllm_lowrank.formats.ring_layout`) by :func:`store` on the ring pages.
 
@@ -204,13 +204,28 @@ def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, r
     length including its new tokens), ``ring_table`` int32 [R, ring blocks]. A token goes to ring index
     ``p % window`` if it is among its request's last ``window`` (``p >= seq_len - window``) and to
     ``window + p`` if ``p < sink``. Same bytes as :func:`vllm_lowrank.layered.store_exact` for tokens
-    that end their request's sequence; no host sync (CUDA-graph safe).
+    that end their request's sequence; no host sync (CUDA-graph safe). ``slots``: those targets as
+    :func:`ring_store_targets` gives them, if already computed (by an earlier layer of the same step).
     """
-    from vllm_lowrank.layered import ring_cache, ring_store_slots, ring_transforms
+    from vllm_lowrank.layered import ring_cache, ring_transforms
 
     if req_of_token.shape[0] == 0:
         return
+    if slots is None:
+        slots = ring_store_targets(kv_cache, ring_table, req_of_token, positions, seq_lens, window, sink, ring)
     cache = ring_cache(kv_cache, ring)
+    for target in slots:
+        store(key, value, cache, target, ring, ring_transforms(ring, kv_cache.shape[1]))
+
+
+def ring_store_targets(kv_cache: torch.Tensor, ring_table: torch.Tensor, req_of_token: torch.Tensor,
+                       positions: torch.Tensor, seq_lens: torch.Tensor, window: int, sink: int,
+                       ring: SlotLayout) -> list[torch.Tensor]:
+    """The ring-cache slots [N] (-1: not written) that :func:`store_ring` writes tokens to, one tensor per
+    target (window, sink). The same for every layer whose pages hold as many ring slots: a step computes
+    them once (torch ops, no host sync)."""
+    from vllm_lowrank.layered import ring_cache, ring_store_slots
+
     last = seq_lens[req_of_token.long().clamp(min=0)].long() - 1
-    for slots in ring_store_slots(ring_table, req_of_token, positions, last, window, sink, cache.shape[2]):
-        store(key, value, cache, slots, ring, ring_transforms(ring, kv_cache.shape[1]))
+    per_block = ring_cache(kv_cache, ring).shape[2]
+    return ring_store_slots(ring_table, req_of_token, positions, last, window, sink, per_block)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -98,6 +98,9 @@ class LowRankMetadata(AttentionMetadata):
     ring: int = 0  # layered cache: ring blocks at the front of each block-table row (block_table excludes them)
     ring_table: torch.Tensor | None = None  # [num_reqs, ring] those ring blocks
     req_of_token: torch.Tensor | None = None  # [num_actual_tokens] each new token's request
+    # the step's ring-store targets (kernels.ring_store_targets) by (ring slots a page, capturing): computed
+    # by the first layer, reused by the others (inside a captured CUDA graph too, recomputed on replay)
+    ring_store_slots: dict[tuple[int, bool], list[torch.Tensor]] = field(default_factory=dict)
 
 
 class LowRankMetadataBuilder(AttentionMetadataBuilder[LowRankMetadata]):
@@ -280,17 +283,26 @@ class LowRankImpl(AttentionImpl[LowRankMetadata]):
             store_exact(k, v, kv_cache, md.ring_table, md.req_of_token[:n], md.positions[:n], w, s, ring)
             return
         from . import kernels
+        from .formats import ring_tokens_per_block
 
+        # keyed by capture too: a CUDA graph's warm-up and capture runs share one metadata object, and the
+        # captured graph must compute the targets itself
+        cache_key = (ring_tokens_per_block(kv_cache.shape[2], kv_cache.shape[3], ring),
+                     q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if cache_key not in md.ring_store_slots:
+            md.ring_store_slots[cache_key] = kernels.ring_store_targets(
+                kv_cache, md.ring_table, md.req_of_token[:n], md.positions[:n], md.seq_lens, w, s, ring)
+        slots = md.ring_store_slots[cache_key]
         if nd:
             kernels.store_ring(k[:ndt], v[:ndt], kv_cache, md.ring_table, md.req_of_token[:ndt], md.positions[:ndt],
-                               md.seq_lens, w, s, ring)
+                               md.seq_lens, w, s, ring, slots=[x[:ndt] for x in slots])
             kernels.decode_attention(q[:ndt], kv_cache, md.block_table[:nd], md.seq_lens[:nd], st.layout,
                                      st.transforms, self.scale, out[:ndt], ring_table=md.ring_table[:nd], window=w,
                                      sink=s, ring_slot=ring)
         if md.num_reqs > nd:
             self._layered_requests(md, range(nd, md.num_reqs), q, key, value, kv_cache, st, out, ring)
             kernels.store_ring(k[ndt:n], v[ndt:n], kv_cache, md.ring_table, md.req_of_token[ndt:n],
-                               md.positions[ndt:n], md.seq_lens, w, s, ring)
+                               md.positions[ndt:n], md.seq_lens, w, s, ring, slots=[x[ndt:n] for x in slots])
 
     def _layered_requests(self, md: LowRankMetadata, requests: range, q: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, kv_cache: torch.Tensor, st: LayerState, out: torch.Tensor,
