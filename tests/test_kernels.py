@@ -501,7 +501,8 @@ def _check_layered_decode(spec, device, seed, *, window, sink, seq_lens, dtype=t
     assert torch.equal(cache, expected), f"seed={seed}: the ring store differs from the PyTorch path's"
 
     out = torch.full_like(q, float("nan"))
-    ws = torch.full((K.workspace_numel(b, h * group, layout.v.latent_dim, num_splits),), float("nan"), device=device)
+    ws = torch.full((K.workspace_numel(b, h * group, layout.v.latent_dim, num_splits, d),), float("nan"),
+                    device=device)  # poisoned: the ring's partial must be written before the merge reads it
     K.decode_attention(q, cache, table[:, k:], sl, layout, tr, scale, out, num_splits=num_splits, workspace=ws,
                        block_n=block_n, token_rows=token_rows, ring_table=table[:, :k], window=window, sink=sink,
                        ring_slot=ring)

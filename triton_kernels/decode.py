@@ -10,6 +10,10 @@ of ``tl.dot`` tiles (padded to 16), walks its split of the request's tokens in t
 The split count is fixed by the caller (no data-dependent grid, no host sync: CUDA-graph safe); a
 split that falls past a request's length writes an empty partial (lse = -inf). Scratch: a float32
 buffer of :func:`workspace_numel` elements, preallocatable.
+
+A layered cache adds one program per (request, KV head) to stage 1, split index ``num_splits``: it
+attends over the request's ring of exact tokens in model space (:func:`_ring_split`) while the other
+splits read the compressed ones, and stage 2 merges its partial as one more split.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, TORCH_TO_TL, attend_tile, check_cache, dot, dot_dtypes, exact_step,
+from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_step,
                      interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
                      project_queries, ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot,
                      transform_args)
@@ -106,6 +110,39 @@ def _attend_tile_t(t0, begin, end, m_i, l_i, acc_a, acc_b, acc_z, cache_ptr, bt_
     return m_new, l_i, acc_a, acc_b, acc_z
 
 
+@triton.jit
+def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, v_offset_ptr, h,
+                qk_scale, RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+                RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
+                RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
+                RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
+                D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+    """Attention of a query group over the exact tokens of its request's ring (the new one already there),
+    the one split in model space (see :func:`ring_tile`). Returns ``(lse, o)``: log2-sum-exp [G_TILE]
+    (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
+    d = tl.arange(0, D_TILE)
+    d_mask = d < D
+    q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_K_OFFSET:
+        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
+    else:
+        qc = tl.zeros((G_TILE,), dtype=tl.float32)
+    m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G_TILE,), dtype=tl.float32)
+    acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
+    for j0 in range(0, RING_W + RING_S, RING_N):
+        _, valid, k, v = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask, RING_W, RING_S,
+                                   RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
+                                   RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
+        if HAS_V_OFFSET:
+            v -= tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
+        keep = tl.broadcast_to(valid[None, :], (G_TILE, RING_N))  # every held position is exact for the new token
+        m_i, l_i, acc = exact_step(q, qc, k, v, keep, m_i, l_i, acc, qk_scale)
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+    return lse, acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
@@ -115,7 +152,12 @@ def _decode_split_kernel(
     seq_lens_ptr,  # int32 [B]
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     qk_scale,  # softmax scale * log2(e)
-    num_splits,  # splits per request (= grid dim 2)
+    num_splits,  # splits per request over the compressed tokens (grid dim 2, plus one with a ring)
+    # a layered cache's ring, the program of split index num_splits (unused unless RING_W + RING_S > 0):
+    xq_ptr, stride_xqb, stride_xqh,  # raw queries [B, Hq, D] (model dtype)
+    ring_ptr, stride_rb,  # int32 [B, ring blocks]: each request's ring
+    k_offset_ptr, v_offset_ptr,  # c_k, c_v [H, D] float32
+    ring_o_ptr, ring_lse_ptr,  # float32 [B, Hq, D], [B, Hq]: the ring's partial output and lse
     G: tl.constexpr, G_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_B: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
     K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
@@ -124,12 +166,33 @@ def _decode_split_kernel(
     MODEL_DTYPE: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     TOKEN_ROWS: tl.constexpr,  # tokens as the dots' M rows (_attend_tile_t), else the query group
     RING_W: tl.constexpr, RING_S: tl.constexpr,  # layered cache: last RING_W and first RING_S tokens exact
+    D: tl.constexpr, D_TILE: tl.constexpr, RING_G_TILE: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
+    RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr, RING_K_SCALE_OFF: tl.constexpr,
+    RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr, RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr,
+    RING_V_T: tl.constexpr, HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr,
 ):
-    """Partial attention of one request's query group over one split of its cached tokens."""
+    """Partial attention of one request's query group over one split of its cached tokens (or, for split
+    index ``num_splits`` of a layered cache, over its ring's exact tokens, beside the other splits)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * G
+
+    if RING_W + RING_S > 0:
+        if split == num_splits:  # the ring's program: its exact tokens, in model space
+            gr = tl.arange(0, RING_G_TILE)
+            gr_mask = gr < G
+            lse, o = _ring_split(xq_ptr + b.to(tl.int64) * stride_xqb + (h * G + gr) * stride_xqh, gr_mask, cache_ptr,
+                                 ring_ptr + b.to(tl.int64) * stride_rb, stride_cblk, h.to(tl.int64) * STRIDE_CHEAD,
+                                 tl.load(seq_lens_ptr + b), k_offset_ptr, v_offset_ptr, h, qk_scale, RING_W, RING_S,
+                                 RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
+                                 RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, D, D_TILE, RING_G_TILE,
+                                 MODEL_DTYPE, HAS_K_OFFSET, HAS_V_OFFSET)
+            rows = (b * num_q_heads + h * G + gr).to(tl.int64)
+            tl.store(ring_lse_ptr + rows, lse, mask=gr_mask)
+            d = tl.arange(0, D_TILE)
+            tl.store(ring_o_ptr + rows[:, None] * D + d[None, :], o, mask=gr_mask[:, None] & (d[None, :] < D))
+            return
 
     seq_len = tl.load(seq_lens_ptr + b)
     if RING_W + RING_S > 0:  # layered cache: the compressed positions are [lo, hi), the rest are exact
@@ -226,81 +289,36 @@ def _decode_split_kernel(
         tl.store(o_rows[:, None] + c[None, :], acc_a * inv_l[:, None], mask=g_mask[:, None] & (c[None, :] < RV))
 
 
-@triton.jit
-def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_len, k_offset_ptr, v_offset_ptr, h,
-                qk_scale, RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
-                RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
-                RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
-                RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
-                D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
-    """Attention of a query group over the exact tokens of its request's ring (the new one already there),
-    the one split in model space (see :func:`ring_tile`). Returns ``(lse, o)``: log2-sum-exp [G_TILE]
-    (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
-    d = tl.arange(0, D_TILE)
-    d_mask = d < D
-    q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    if HAS_K_OFFSET:
-        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
-    else:
-        qc = tl.zeros((G_TILE,), dtype=tl.float32)
-    m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((G_TILE,), dtype=tl.float32)
-    acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
-    for j0 in range(0, RING_W + RING_S, RING_N):
-        _, valid, k, v = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask, RING_W, RING_S,
-                                   RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
-                                   RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
-        if HAS_V_OFFSET:
-            v -= tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
-        keep = tl.broadcast_to(valid[None, :], (G_TILE, RING_N))  # every held position is exact for the new token
-        m_i, l_i, acc = exact_step(q, qc, k, v, keep, m_i, l_i, acc, qk_scale)
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
-    return lse, acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-
-
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     out_ptr, stride_ob, stride_oh,  # [B, Hq, D] model dtype
     basis_ptr, offset_ptr,  # P_v [H, D, RV] float32, c_v [H, D] float32
     num_splits,
-    q_ptr, stride_qb, stride_qh,  # raw queries [B, Hq, D] (model dtype): the ring's split
-    cache_ptr, stride_cblk, STRIDE_CHEAD: tl.constexpr,  # the cache, as in the split kernel
-    ring_ptr, stride_rb,  # int32 [B, ring blocks]: each request's ring
-    seq_lens_ptr,  # int32 [B]
-    k_offset_ptr,  # c_k [H, D] float32
-    qk_scale,  # softmax scale * log2(e)
+    ring_o_ptr, ring_lse_ptr,  # float32 [B, Hq, D], [B, Hq]: the ring's partial (layered cache)
     G: tl.constexpr, G_TILE: tl.constexpr,
     RV: tl.constexpr, RV_TILE: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr,
-    HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
-    RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr, RING_K_SCALE_OFF: tl.constexpr,
-    RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr, RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr,
-    RING_V_T: tl.constexpr, MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr,
+    HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_RING: tl.constexpr,
 ):
     """Merge the splits of one request's query group by log-sum-exp and write ``P_v o_lat + c_v``.
 
-    With a layered cache (``RING_W + RING_S > 0``) the ring's exact tokens are one more split, in model
-    space: its share ``w`` of the softmax adds ``w (o_ring - c_v)`` to the rebuilt output."""
+    With a layered cache (``HAS_RING``) the ring's partial ``o_ring`` (normalised ``sum p (v - c_v)``, model
+    space) is one more split: its share ``w`` of the softmax adds ``w o_ring`` to the rebuilt output."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_q_heads = tl.num_programs(1) * G
     g = tl.arange(0, G_TILE)
     g_mask = g < G
     c = tl.arange(0, RV_TILE)
-    part0 = (b * num_q_heads + h * G + g).to(tl.int64) * num_splits
+    rows = (b * num_q_heads + h * G + g).to(tl.int64)
+    part0 = rows * num_splits
 
-    HAS_RING: tl.constexpr = RING_W + RING_S > 0
     lse_max = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
     if HAS_RING:
-        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-        lse_ring, o_ring = _ring_split(q_rows, g_mask, cache_ptr, ring_ptr + b.to(tl.int64) * stride_rb,
-                                       stride_cblk, h.to(tl.int64) * STRIDE_CHEAD, tl.load(seq_lens_ptr + b),
-                                       k_offset_ptr, offset_ptr, h, qk_scale, RING_W, RING_S, RING_T, RING_N,
-                                       RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
-                                       RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, D, D_TILE, G_TILE, MODEL_DTYPE,
-                                       HAS_K_OFFSET, HAS_OFFSET)
+        d = tl.arange(0, D_TILE)
+        lse_ring = tl.load(ring_lse_ptr + rows, mask=g_mask, other=float("-inf"))
+        o_ring = tl.load(ring_o_ptr + rows[:, None] * D + d[None, :], mask=g_mask[:, None] & (d[None, :] < D),
+                         other=0.0)
         lse_max = lse_ring
     for s in range(num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + part0 + s, mask=g_mask, other=float("-inf")))
@@ -368,9 +386,10 @@ def default_token_rows(layout: SlotLayout) -> bool:
     return choice == "1"
 
 
-def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits: int) -> int:
-    """float32 elements of decode scratch: partial outputs [B, Hq, S, r_v] and their lse [B, Hq, S]."""
-    return batch * num_q_heads * num_splits * (latent_dim_v + 1)
+def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits: int, ring_dim: int = 0) -> int:
+    """float32 elements of decode scratch: partial outputs [B, Hq, S, r_v] and their lse [B, Hq, S]; with a
+    layered cache (``ring_dim`` = head_dim) also the ring's partial [B, Hq, D] and its lse [B, Hq]."""
+    return batch * num_q_heads * (num_splits * (latent_dim_v + 1) + (ring_dim + 1 if ring_dim else 0))
 
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -408,39 +427,40 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     assert not token_rows or block_n >= 16, "token rows need BLOCK_N >= 16 (the dots' M dimension)"
     if num_splits is None:
         num_splits = default_num_splits(batch, h, query.device, block_n=block_n)
-    need = workspace_numel(batch, hq, rv, num_splits)
-    if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=query.device)
-    assert workspace.dtype == torch.float32 and workspace.numel() >= need, "decode workspace too small"
-    part_o = workspace[:batch * hq * num_splits * rv]
-    part_lse = workspace[batch * hq * num_splits * rv:need]
-
     if ring_table is None:
         window = sink = 0
         ring_table = seq_lens  # unused
     assert ring_table.stride(-1) == 1 and query.stride(-1) == 1
+    has_ring = window + sink > 0
+    need = workspace_numel(batch, hq, rv, num_splits, d if has_ring else 0)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=query.device)
+    assert workspace.dtype == torch.float32 and workspace.numel() >= need, "decode workspace too small"
+    n_part = batch * hq * num_splits
+    part_o = workspace[:n_part * rv]
+    part_lse = workspace[n_part * rv:n_part * (rv + 1)]
+    ring_o = workspace[n_part * (rv + 1):n_part * (rv + 1) + batch * hq * d] if has_ring else part_o
+    ring_lse = workspace[n_part * (rv + 1) + batch * hq * d:need] if has_ring else part_lse
 
     q = project_queries(query, transforms.k, h)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    c = layout_constexprs(layout)
-    g_tile = max(8 if token_rows else 16, next_pow2(group))
-    _decode_split_kernel[(batch, h, num_splits)](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
-        block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
-        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
-        **c, **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel), TOKEN_ROWS=token_rows,
-        RING_W=window, RING_S=sink, num_warps=num_warps, num_stages=num_stages)
-
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
     ring_slot = ring_slot or ring_layout(d, query.dtype)
+    g_tile = max(8 if token_rows else 16, next_pow2(group))
+    d_tile = max(16, next_pow2(d))
+    _decode_split_kernel[(batch, h, num_splits + has_ring)](
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
+        query, query.stride(0), query.stride(1), ring_table, ring_table.stride(0), k_offset, offset, ring_o, ring_lse,
+        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
+        **layout_constexprs(layout), **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel),
+        TOKEN_ROWS=token_rows, RING_W=window, RING_S=sink, D=d, D_TILE=d_tile, RING_G_TILE=max(16, next_pow2(group)),
+        RING_N=16, **ring_constexprs(ring_slot, block_size, layout.slot_bytes),
+        HAS_K_OFFSET=transforms.k.offset is not None, HAS_V_OFFSET=has_offset, num_warps=num_warps,
+        num_stages=num_stages)
     _decode_merge_kernel[(batch, h)](
-        part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits,
-        query, query.stride(0), query.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
-        ring_table, ring_table.stride(0), seq_lens, k_offset, scale * LOG2E,
+        part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits, ring_o, ring_lse,
         G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
-        D=d, D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
-        RING_W=window, RING_S=sink, RING_N=16, **ring_constexprs(ring_slot, block_size, layout.slot_bytes),
-        MODEL_DTYPE=TORCH_TO_TL[query.dtype],
-        HAS_K_OFFSET=transforms.k.offset is not None, num_warps=4)
+        D=d, D_TILE=d_tile, HAS_BASIS=has_basis, HAS_OFFSET=has_offset, HAS_RING=has_ring, num_warps=4)
