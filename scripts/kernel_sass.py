@@ -29,9 +29,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, preset_format
+from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, preset_format, ring_layout
 from vllm_lowrank.kernels import decode
-from vllm_lowrank.kernels.common import dot_dtypes, layout_constexprs, next_pow2
+from vllm_lowrank.kernels.common import dot_dtypes, layout_constexprs, next_pow2, ring_constexprs
 
 _INSN = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
@@ -46,16 +46,23 @@ def parse_format(spec: str) -> LayerFormat:
 
 
 def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int, block_n: int, num_warps: int,
-                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16, token_rows: bool = False):
-    """The compiled split kernel of one layer format (pointers and strides 16-byte aligned, as at run time)."""
+                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16, token_rows: bool = False,
+                   ring: tuple[int, int, str] = (0, 0, "model")):
+    """The compiled split kernel of one layer format (pointers and strides 16-byte aligned, as at run time);
+    ``ring`` = (window, sink, exact dtype) of a layered cache, whose ring program is then compiled in."""
     kernel = decode._decode_split_kernel
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
     consts = {**layout_constexprs(layout), **dot_dtypes(layout), "G": group,
               "G_TILE": max(8 if token_rows else 16, next_pow2(group)), "BLOCK_SIZE": block_size, "BLOCK_N": block_n,
               "TILE_B": min(block_size, block_n), "STRIDE_CHEAD": block_size * layout.slot_bytes, "UPCAST": False,
-              "TOKEN_ROWS": token_rows}
-    q_type = "fp32" if fmt.k.transform == "basis" else {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
-    pointer_types = {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32"}
+              "TOKEN_ROWS": token_rows,
+              "RING_W": ring[0], "RING_S": ring[1], "D": head_dim, "D_TILE": max(16, next_pow2(head_dim)),
+              "RING_G_TILE": max(16, next_pow2(group)), "RING_N": 16, "HAS_K_OFFSET": True, "HAS_V_OFFSET": True,
+              **ring_constexprs(ring_layout(head_dim, model_dtype, ring[2]), block_size, layout.slot_bytes)}
+    model_type = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
+    q_type = "fp32" if fmt.k.transform == "basis" else model_type
+    pointer_types = {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
+                     "xq_ptr": model_type, "ring_ptr": "i32"}
     signature = {}
     for name in kernel.arg_names:
         if name in consts:

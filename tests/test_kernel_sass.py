@@ -57,3 +57,18 @@ def test_codes_convert_without_conversion_units(loops, spec):
 def test_no_byte_shared_memory_loads(loops, spec):
     ops = loops[spec]["opcodes"]
     assert _count(ops, "LDS.U8") == 0 and _count(ops, "LDS.S8") == 0, f"{spec}: byte-wise shared loads: {ops}"
+
+
+@pytest.mark.parametrize("exact", ["model", "int8"])
+def test_layered_decode_compiles(exact):
+    """The split kernel with a layered cache's ring program (an early return in a constexpr branch, float32
+    dots) compiles for sm_90: the interpreter tests cannot see compile-only errors."""
+    code = ("import sys, torch; sys.path.insert(0, 'scripts'); import kernel_sass as ks; "
+            f"k = ks.compile_decode(ks.parse_format('int4'), 64, 4, 16, 128, 4, 2, 90, ring=(64, 1, {exact!r})); "
+            "print(len(k.asm['cubin']))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is not available on this platform")
+    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 0, proc.stderr[-3000:]
