@@ -13,5 +13,5 @@ from .decode import decode_attention, default_num_splits, workspace_numel
 from .prefill import compile_prefill, paged_attention
 from .store import ring_store_targets, store, store_ring
 
-__all__ = ["compile_prefill", "decode_attention", "default_num_splits", "paged_attention", "ring_store_targets", "store",
-           "store_ring", "workspace_numel"]
+__all__ = ["compile_prefill", "decode_attention", "default_num_splits", "paged_attention", "ring_store_targets",
+           "store", "store_ring", "workspace_numel"]

@@ -603,6 +603,25 @@ def ring_tile(j0, stored, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask,
 
 
 @triton.jit
+def exact_query(q_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D: tl.constexpr, D_TILE: tl.constexpr,
+                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+    """What attention over exact tokens needs of its rows: the raw queries [M, D_TILE] (float32, zero where
+    not ``row_mask``), ``q . c_k`` [M] and ``c_v`` [D_TILE] (zero without offsets)."""
+    d = tl.arange(0, D_TILE)
+    d_mask = d < D
+    q = tl.load(q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_K_OFFSET:
+        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
+    else:
+        qc = tl.zeros((q_rows.shape[0],), dtype=tl.float32)
+    if HAS_V_OFFSET:
+        c_v = tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)
+    else:
+        c_v = tl.zeros((D_TILE,), dtype=tl.float32)
+    return q, qc, c_v
+
+
+@triton.jit
 def exact_step(q, qc, k, v, keep, m_i, l_i, acc_x, qk_scale):
     """One online-softmax step over exact tokens: raw queries ``q`` [M, D_TILE] and ``qc = q . c_k`` [M]
     (float32), their K and V rows [N, D_TILE] (float32, V less ``c_v``), ``keep`` [M, N] the pairs that

@@ -28,7 +28,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_step,
+from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_query, exact_step,
                      interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
                      project_queries, ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot,
                      transform_args)
@@ -123,11 +123,7 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
     (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
-    q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    if HAS_K_OFFSET:
-        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
-    else:
-        qc = tl.zeros((G_TILE,), dtype=tl.float32)
+    q, qc, c_v = exact_query(q_rows, g_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE, HAS_K_OFFSET, HAS_V_OFFSET)
     m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_TILE,), dtype=tl.float32)
     acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
@@ -136,7 +132,7 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
                                    RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
                                    RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
         if HAS_V_OFFSET:
-            v -= tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
+            v -= c_v[None, :]
         keep = tl.broadcast_to(valid[None, :], (G_TILE, RING_N))  # every held position is exact for the new token
         m_i, l_i, acc = exact_step(q, qc, k, v, keep, m_i, l_i, acc, qk_scale)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))

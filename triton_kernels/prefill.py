@@ -29,7 +29,7 @@ from vllm_lowrank.codec import decode_layer, encode_layer
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_step, interpreted,
+from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_query, exact_step, interpreted,
                      layout_constexprs, load_query, next_pow2, project_queries, ring_constexprs, ring_tile,
                      store_output, transform_args)
 
@@ -73,15 +73,7 @@ def _exact_phase(xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, 
     starts at ``first_req``; the tile's rows span ``first_pos .. last_pos``."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
-    q = tl.load(xq_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    if HAS_K_OFFSET:
-        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
-    else:
-        qc = tl.zeros((M,), dtype=tl.float32)
-    if HAS_V_OFFSET:
-        c_v = tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)
-    else:
-        c_v = tl.zeros((D_TILE,), dtype=tl.float32)
+    q, qc, c_v = exact_query(xq_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE, HAS_K_OFFSET, HAS_V_OFFSET)
     m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M,), dtype=tl.float32)
     acc_x = tl.zeros((M, D_TILE), dtype=tl.float32)
