@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import os
 import re
@@ -30,8 +31,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, preset_format, ring_layout
-from vllm_lowrank.kernels import decode
-from vllm_lowrank.kernels.common import dot_dtypes, layout_constexprs, next_pow2, ring_constexprs
+from vllm_lowrank.kernels import decode, prefill
+
+store = importlib.import_module("vllm_lowrank.kernels.store")  # the module (the package exports its function)
 
 _INSN = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
@@ -45,24 +47,11 @@ def parse_format(spec: str) -> LayerFormat:
     return preset_format(name, *(int(r) for r in ranks))
 
 
-def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int, block_n: int, num_warps: int,
-                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16, token_rows: bool = False,
-                   ring: tuple[int, int, str] = (0, 0, "model")):
-    """The compiled split kernel of one layer format (pointers and strides 16-byte aligned, as at run time);
-    ``ring`` = (window, sink, exact dtype) of a layered cache, whose ring program is then compiled in."""
-    kernel = decode._decode_split_kernel
-    layout = SlotLayout.build(fmt, head_dim, model_dtype)
-    consts = {**layout_constexprs(layout), **dot_dtypes(layout), "G": group,
-              "G_TILE": max(8 if token_rows else 16, next_pow2(group)), "BLOCK_SIZE": block_size, "BLOCK_N": block_n,
-              "TILE_B": min(block_size, block_n), "STRIDE_CHEAD": block_size * layout.slot_bytes, "UPCAST": False,
-              "TOKEN_ROWS": token_rows,
-              "RING_W": ring[0], "RING_S": ring[1], "D": head_dim, "D_TILE": max(16, next_pow2(head_dim)),
-              "RING_G_TILE": max(16, next_pow2(group)), "RING_N": 16, "HAS_K_OFFSET": True, "HAS_V_OFFSET": True,
-              **ring_constexprs(ring_layout(head_dim, model_dtype, ring[2]), block_size, layout.slot_bytes)}
-    model_type = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
-    q_type = "fp32" if fmt.k.transform == "basis" else model_type
-    pointer_types = {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
-                     "xq_ptr": model_type, "ring_ptr": "i32"}
+def compile_kernel(kernel, consts: dict, pointer_types: dict[str, str], arch: int, num_warps: int = 4,
+                   num_stages: int = 2, float_args: tuple[str, ...] = ("qk_scale",)):
+    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU. ``consts``: its constexprs;
+    pointers (``*_ptr``) have the element types of ``pointer_types`` (default float32) and, like every
+    stride, 16-byte alignment, as at run time; other arguments are int32 (``float_args``: float32)."""
     signature = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -70,13 +59,71 @@ def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int,
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_types.get(name, "fp32")
         else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
+            signature[name] = "fp32" if name in float_args else "i32"
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in kernel.arg_names
              if signature[n].startswith("*") or n.startswith("stride")}
     src = ASTSource(kernel, signature, constexprs={k: v for k, v in consts.items() if k in kernel.arg_names},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _types(fmt: LayerFormat, model_dtype: torch.dtype) -> tuple[str, str]:
+    """(model dtype, projected query dtype) as Triton signature types."""
+    model_type = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
+    return model_type, "fp32" if fmt.k.transform != "none" else model_type
+
+
+def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int, block_n: int, num_warps: int,
+                   num_stages: int, arch: int, model_dtype: torch.dtype = torch.bfloat16, token_rows: bool = False,
+                   ring: tuple[int, int, str] = (0, 0, "model")):
+    """The compiled split kernel of one layer format, with the constexprs of its launch
+    (:func:`decode.split_constexprs`); ``ring`` = (window, sink, exact dtype) of a layered cache, whose
+    ring program is then compiled in."""
+    layout = SlotLayout.build(fmt, head_dim, model_dtype)
+    consts = decode.split_constexprs(layout, group, block_size, block_n, token_rows, ring[0], ring[1],
+                                     ring_layout(head_dim, model_dtype, ring[2]), True, True)
+    model_type, q_type = _types(fmt, model_dtype)
+    return compile_kernel(decode._decode_split_kernel, consts,
+                          {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
+                           "xq_ptr": model_type, "ring_ptr": "i32"}, arch, num_warps, num_stages)
+
+
+def compile_merge(fmt: LayerFormat, head_dim: int, group: int, arch: int, ring: bool = False,
+                  model_dtype: torch.dtype = torch.bfloat16):
+    """The compiled merge kernel of one layer format (with a basis and offsets when the format's V is
+    transformed)."""
+    layout = SlotLayout.build(fmt, head_dim, model_dtype)
+    has_basis = fmt.v.transform != "none"
+    consts = decode.merge_constexprs(layout, group, has_basis, has_basis, ring)
+    return compile_kernel(decode._decode_merge_kernel, consts, {"out_ptr": _types(fmt, model_dtype)[0]}, arch)
+
+
+def compile_prefill(fmt: LayerFormat, head_dim: int, group: int, block_size: int, arch: int,
+                    ring: tuple[int, int, str] = (0, 0, "model"), model_dtype: torch.dtype = torch.bfloat16,
+                    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """The compiled prefill kernel of one layer format, with the constexprs of its launch
+    (:func:`prefill.prefill_constexprs`); ``ring`` as for :func:`compile_decode`."""
+    layout = SlotLayout.build(fmt, head_dim, model_dtype)
+    has_basis = fmt.v.transform != "none"
+    consts = prefill.prefill_constexprs(layout, group, block_size, block_m, block_n, ring[0], ring[1],
+                                        ring_layout(head_dim, model_dtype, ring[2]), has_basis, has_basis, True)
+    model_type, q_type = _types(fmt, model_dtype)
+    return compile_kernel(prefill._prefill_kernel, consts,
+                          {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
+                           "query_start_ptr": "i32", "out_ptr": model_type, "xq_ptr": model_type,
+                           "xk_ptr": model_type, "xv_ptr": model_type, "ring_ptr": "i32"}, arch, num_warps, num_stages)
+
+
+def compile_store(fmt: LayerFormat, head_dim: int, num_kv_heads: int, block_size: int, arch: int,
+                  model_dtype: torch.dtype = torch.bfloat16):
+    """The compiled store kernel of one layer format (sources: latents in float32, or raw K/V)."""
+    layout = SlotLayout.build(fmt, head_dim, model_dtype)
+    model_type = _types(fmt, model_dtype)[0]
+    types = {"k_ptr": "fp32" if fmt.k.transform != "none" else model_type,
+             "v_ptr": "fp32" if fmt.v.transform != "none" else model_type,
+             "cache_ptr": "u8", "slot_mapping_ptr": "i64"}
+    return compile_kernel(store._store_kernel, store.store_constexprs(layout, num_kv_heads, block_size), types, arch)
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
@@ -109,6 +156,46 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
 
 
+def every_kernel(head_dim: int, group: int, block_size: int, arch: int) -> dict:
+    """One compile of each kernel variant that serving launches (store, decode split and merge, prefill;
+    with and without a layered cache's ring in the model dtype and int8), by name. Decode as it runs: int4
+    with tokens as the dots' rows, the others with the query group as rows."""
+    f = parse_format
+    ring_m, ring_8 = (32, 1, "model"), (64, 1, "int8")
+    return {
+        "store int8": lambda: compile_store(f("int8"), head_dim, 8, block_size, arch),
+        "store fp8": lambda: compile_store(f("fp8"), head_dim, 8, block_size, arch),
+        "store int4": lambda: compile_store(f("int4"), head_dim, 8, block_size, arch),
+        "store lowrank+int8": lambda: compile_store(f("lowrank+int8:32:32"), head_dim, 8, block_size, arch),
+        "decode int4": lambda: compile_decode(f("int4"), head_dim, group, block_size, 128, 4, 2, arch,
+                                              token_rows=True),
+        "decode int4, model ring": lambda: compile_decode(f("int4"), head_dim, group, block_size, 128, 4, 2, arch,
+                                                          token_rows=True, ring=ring_m),
+        "decode int4, int8 ring": lambda: compile_decode(f("int4"), head_dim, group, block_size, 128, 4, 2, arch,
+                                                         token_rows=True, ring=ring_8),
+        "decode lowrank+int8": lambda: compile_decode(f("lowrank+int8:16:16"), head_dim, group, block_size, 128, 4, 2,
+                                                      arch),
+        "decode lowrank+int8, int8 ring": lambda: compile_decode(f("lowrank+int8:16:16"), head_dim, group, block_size,
+                                                                 128, 4, 2, arch, ring=ring_8),
+        "merge int4": lambda: compile_merge(f("int4"), head_dim, group, arch),
+        "merge int4, ring": lambda: compile_merge(f("int4"), head_dim, group, arch, ring=True),
+        "prefill int8": lambda: compile_prefill(f("int8"), head_dim, group, block_size, arch),
+        "prefill int4": lambda: compile_prefill(f("int4"), head_dim, group, block_size, arch),
+        "prefill int4, model ring": lambda: compile_prefill(f("int4"), head_dim, group, block_size, arch, ring_m),
+        "prefill int8/int4 (identity V), int8 ring": lambda: compile_prefill(f("int8/int4"), head_dim, group,
+                                                                              block_size, arch, ring_8),
+        "prefill lowrank+int8, int8 ring": lambda: compile_prefill(f("lowrank+int8:16:16"), head_dim, group,
+                                                                    block_size, arch, ring_8),
+    }
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack and spill bytes of a compiled kernel (``cuobjdump -res-usage``)."""
+    _, res = disassemble(cubin)
+    return {key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", res)) else -1
+            for key in ("REG", "STACK", "LOCAL")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default="full,int8,fp8,int4,lowrank:32:32,lowrank+int8:32:32,lowrank+int8:16:16",
@@ -124,11 +211,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=8, help="opcodes listed per format")
     ap.add_argument("--dump", type=Path, default=None, help="write each format's SASS and PTX into this folder")
     ap.add_argument("--json", type=Path, default=None, help="write registers and the loop's full opcode counts")
+    ap.add_argument("--every-kernel", action="store_true",
+                    help="instead: compile every kernel variant that serving launches (store, decode split and "
+                         "merge, prefill, with and without a layered cache's ring) and list registers, stack and "
+                         "spills; a compile error fails the command (--json: the same as JSON)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
 
     from tqdm import tqdm
+
+    if args.every_kernel:
+        found = {}
+        for name, build in tqdm(every_kernel(args.head_dim, args.group, args.block_size, args.arch).items(),
+                                desc="compile"):
+            k = build()
+            found[name] = {**resources(k.asm["cubin"]), "shared_bytes": k.metadata.shared}
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=1))
+        print(f"\nsm_{args.arch}, head_dim {args.head_dim}, group {args.group}, block_size {args.block_size}")
+        print(f"{'kernel':<44} {'regs':>5} {'stack':>6} {'spill':>6} {'smem':>7}")
+        for name, r in found.items():
+            print(f"{name:<44} {r['REG']:>5} {r['STACK']:>6} {r['LOCAL']:>6} {r['shared_bytes']:>7}")
+        return 0
 
     rows = []
     for spec in tqdm(args.formats.split(","), desc="compile"):

@@ -41,10 +41,10 @@ def basis_path(tmp_path_factory):
     return path
 
 
+# (fp8's slot has int8's size: one engine start, about 40 s of CI, would check the same page arithmetic)
 CASES = [
     ("full", {"format": "full"}, [preset_format("full")] * LAYERS, (1.0, 1.0)),
     ("int8", {"format": "int8"}, [preset_format("int8")] * LAYERS, (1.9, 2.0)),
-    ("fp8", {"format": "fp8"}, [preset_format("fp8")] * LAYERS, (1.9, 2.0)),
     ("int4", {"format": "int4"}, [preset_format("int4")] * LAYERS, (3.5, 3.6)),
     ("lowrank-16-16", {"format": "lowrank", "rank_k": 16, "rank_v": 16},
      [preset_format("lowrank", 16, 16)] * LAYERS, (4.0, 4.0)),

@@ -114,6 +114,22 @@ def rint(y):
     return (y + _RINT_MAGIC) - _RINT_MAGIC
 
 
+@triton.jit
+def stored_scale(s):
+    """The fp16 scale as the codec stores it, and its float32 value used to divide (never zero)."""
+    s16 = tl.maximum(s, TINY).to(tl.float16)
+    s32 = s16.to(tl.float32)
+    return s16, tl.where(s32 > 0, s32, TINY)
+
+
+@triton.jit
+def int8_codes(x):
+    """The codec's int8 of float32 rows ``x`` [N, R] (zero past the real columns): the stored fp16 scales
+    [N] and the codes [N, R] as float32 (IEEE division, round half to even, in [-127, 127])."""
+    s16, scale = stored_scale(tl.math.div_rn(tl.max(tl.abs(x), axis=1), INT8_MAX))
+    return s16, tl.clamp(rint(tl.math.div_rn(x, scale[:, None])), -INT8_MAX, INT8_MAX)
+
+
 def interpreted(kernel) -> bool:
     """True when ``kernel`` runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at decoration)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -562,17 +578,20 @@ def ring_constexprs(ring: SlotLayout, block_size: int, slot_bytes: int) -> dict:
 def ring_rows(cache_ptr, page, tok, valid, d, d_mask, OFF: tl.constexpr, NBYTES: tl.constexpr,
               SCALE_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, RING_INT8: tl.constexpr, RING_T: tl.constexpr,
               MODEL_DTYPE: tl.constexpr):
-    """K or V rows [N, D_TILE] (float32, zero where not ``valid``) of ring slots ``tok`` of pages ``page``."""
+    """K or V rows of ring slots ``tok`` of pages ``page`` (zero where not ``valid``): ``(x, scale)``, ``x``
+    [N, D_TILE] in the model dtype, the values themselves or, in an int8 ring, their codes (exact in
+    every model dtype), and ``scale`` [N] float32 (int8 rings only; ones otherwise)."""
     m = valid[:, None] & d_mask[None, :]
     col = d[None, :] * column_stride(TRANSPOSED, RING_T)
     if RING_INT8:
         x = tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, tl.int8, TRANSPOSED) + col,
-                    mask=m, other=0).to(tl.float32)
+                    mask=m, other=0).to(tl.float32).to(MODEL_DTYPE)  # (the interpreter botches int8 -> bf16)
         scale = tl.load(field_ptr(cache_ptr, page, tok, SCALE_OFF, 2, RING_T, tl.float16), mask=valid, other=0.0)
-        return x * scale.to(tl.float32)[:, None]
+        return x, scale.to(tl.float32)
     else:
-        return tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, MODEL_DTYPE, TRANSPOSED)
-                       + col, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(field_ptr(cache_ptr, page[:, None], tok[:, None], OFF, NBYTES, RING_T, MODEL_DTYPE, TRANSPOSED)
+                    + col, mask=m, other=0.0)
+        return x, tl.full((x.shape[0],), 1.0, dtype=tl.float32)
 
 
 @triton.jit
@@ -583,7 +602,8 @@ def ring_tile(j0, stored, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask,
               RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
               MODEL_DTYPE: tl.constexpr):
     """Ring indices ``j0 .. j0 + RING_N`` of a request whose first ``stored`` tokens are in its ring: their
-    positions [RING_N], whether they hold one, and their K and V rows [RING_N, D_TILE] (float32)."""
+    positions [RING_N], whether they hold one, and their K and V rows as :func:`ring_rows` gives them
+    (``k, k_scale, v, v_scale``)."""
     j = j0 + tl.arange(0, RING_N)
     if RING_W > 0:
         recent = stored - RING_W  # the window's first position (may be negative)
@@ -595,23 +615,25 @@ def ring_tile(j0, stored, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask,
         valid = (j < RING_S) & (j < stored)
     page = tl.load(ring_row + j // RING_T, mask=valid, other=0).to(tl.int64) * stride_cblk + head_off
     tok = j % RING_T
-    k = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
-                  RING_INT8, RING_T, MODEL_DTYPE)
-    v = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T,
-                  RING_INT8, RING_T, MODEL_DTYPE)
-    return p, valid, k, v
+    k, k_scale = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF,
+                           RING_K_T, RING_INT8, RING_T, MODEL_DTYPE)
+    v, v_scale = ring_rows(cache_ptr, page, tok, valid, d, d_mask, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF,
+                           RING_V_T, RING_INT8, RING_T, MODEL_DTYPE)
+    return p, valid, k, k_scale, v, v_scale
 
 
 @triton.jit
 def exact_query(q_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D: tl.constexpr, D_TILE: tl.constexpr,
                 HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
-    """What attention over exact tokens needs of its rows: the raw queries [M, D_TILE] (float32, zero where
-    not ``row_mask``), ``q . c_k`` [M] and ``c_v`` [D_TILE] (zero without offsets)."""
+    """What attention over exact tokens needs of its rows: the raw queries [M, D_TILE] (in their dtype, the
+    model's; zero where not ``row_mask``), ``q . c_k`` [M] (float32) and ``c_v`` [D_TILE] (float32; zero
+    without offsets)."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
-    q = tl.load(q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if HAS_K_OFFSET:
-        qc = tl.sum(q * tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :], axis=1)
+        c_k = tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)
+        qc = tl.sum(q.to(tl.float32) * c_k[None, :], axis=1)
     else:
         qc = tl.zeros((q_rows.shape[0],), dtype=tl.float32)
     if HAS_V_OFFSET:
@@ -622,19 +644,43 @@ def exact_query(q_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D: tl.constexpr
 
 
 @triton.jit
-def exact_step(q, qc, k, v, keep, m_i, l_i, acc_x, qk_scale):
-    """One online-softmax step over exact tokens: raw queries ``q`` [M, D_TILE] and ``qc = q . c_k`` [M]
-    (float32), their K and V rows [N, D_TILE] (float32, V less ``c_v``), ``keep`` [M, N] the pairs that
-    attend. NaN-safe for rows with nothing kept yet. Returns ``(m_i, l_i, acc_x)``."""
-    s = (tl.dot(q, tl.trans(k), input_precision="ieee") - qc[:, None]) * qk_scale
-    s = tl.where(keep, s, float("-inf"))
+def exact_step(q, qc, c_v, k, k_scale, v, v_scale, keep, m_i, l_i, acc_x, qk_scale, RING_INT8: tl.constexpr,
+               HAS_V_OFFSET: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over exact tokens, ``acc_x`` [M, D_TILE] += ``sum_j p_j (v_j - c_v)``.
+
+    Raw queries ``q`` [M, D_TILE] and exact K/V rows [N, D_TILE] in the model dtype (an int8 ring: codes,
+    with per-token ``k_scale``/``v_scale`` [N]), ``qc = q . c_k`` [M] (float32), ``keep`` [M, N] the pairs
+    that attend. The dots run on tensor cores with the operands as stored (exact products, float32 sums,
+    as the compressed tiles' ``full`` path: the weights are rounded to the model dtype for ``P @ V``);
+    ``c_v`` is taken off with the same rounded weights, so the offset cancels exactly. Float32 models:
+    IEEE float32 dots. NaN-safe for rows with nothing kept yet. Returns ``(m_i, l_i, acc_x)``.
+    """
+    IS_F32: tl.constexpr = q.dtype == tl.float32
+    s = dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), dtype=tl.float32), IS_F32, UPCAST)
+    if RING_INT8:
+        s = s * k_scale[None, :]
+    s = tl.where(keep, (s - qc[:, None]) * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc_x = acc_x * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    return m_new, l_i, acc_x
+    zero = tl.zeros(acc_x.shape, dtype=tl.float32)
+    if RING_INT8:  # weights p_j s_j over the tile's largest scale, in [0, 1] (no fp16 underflow)
+        s_max = tl.max(v_scale, axis=0)
+        s_max = tl.where(s_max > 0, s_max, 1.0)
+        w = (p * (v_scale / s_max)[None, :]).to(v.dtype)
+        pv = s_max * dot(w, v, zero, IS_F32, UPCAST)
+        if HAS_V_OFFSET:  # the weights the codes got: w_j s_max / s_j (p_j where the row is all zero)
+            back = s_max / tl.where(v_scale > 0, v_scale, 1.0)
+            used = tl.where(v_scale[None, :] > 0, w.to(tl.float32) * back[None, :], p)
+            pv -= tl.sum(used, axis=1)[:, None] * c_v[None, :]
+    else:
+        w = p.to(v.dtype)
+        pv = dot(w, v, zero, IS_F32, UPCAST)
+        if HAS_V_OFFSET:
+            pv -= tl.sum(w.to(tl.float32), axis=1)[:, None] * c_v[None, :]
+    return m_new, l_i, acc_x * alpha[:, None] + pv
 
 
 def transform_args(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:

@@ -11,9 +11,10 @@ The split count is fixed by the caller (no data-dependent grid, no host sync: CU
 split that falls past a request's length writes an empty partial (lse = -inf). Scratch: a float32
 buffer of :func:`workspace_numel` elements, preallocatable.
 
-A layered cache adds one program per (request, KV head) to stage 1, split index ``num_splits``: it
-attends over the request's ring of exact tokens in model space (:func:`_ring_split`) while the other
-splits read the compressed ones, and stage 2 merges its partial as one more split.
+A layered cache adds one program per (request, KV head) to stage 1, split index 0 (the compressed splits
+follow it): it attends over the request's ring of exact tokens in model space (:func:`_ring_split`,
+tensor-core dots) while the other splits read the compressed ones, and stage 2 merges its partial as one
+more split.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
                 RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
                 RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
                 D: tl.constexpr, D_TILE: tl.constexpr, G_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+                HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr, UPCAST: tl.constexpr):
     """Attention of a query group over the exact tokens of its request's ring (the new one already there),
     the one split in model space (see :func:`ring_tile`). Returns ``(lse, o)``: log2-sum-exp [G_TILE]
     (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
@@ -128,13 +129,13 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
     l_i = tl.zeros((G_TILE,), dtype=tl.float32)
     acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
     for j0 in range(0, RING_W + RING_S, RING_N):
-        _, valid, k, v = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask, RING_W, RING_S,
-                                   RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
-                                   RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
-        if HAS_V_OFFSET:
-            v -= c_v[None, :]
+        _, valid, k, k_scale, v, v_scale = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d,
+                                                     d_mask, RING_W, RING_S, RING_T, RING_N, RING_INT8, RING_K_OFF,
+                                                     RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
+                                                     RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
         keep = tl.broadcast_to(valid[None, :], (G_TILE, RING_N))  # every held position is exact for the new token
-        m_i, l_i, acc = exact_step(q, qc, k, v, keep, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = exact_step(q, qc, c_v, k, k_scale, v, v_scale, keep, m_i, l_i, acc, qk_scale, RING_INT8,
+                                   HAS_V_OFFSET, UPCAST)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     return lse, acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
@@ -149,7 +150,7 @@ def _decode_split_kernel(
     part_o_ptr, part_lse_ptr,  # float32 [B, Hq, num_splits, RV], [B, Hq, num_splits]
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # splits per request over the compressed tokens (grid dim 2, plus one with a ring)
-    # a layered cache's ring, the program of split index num_splits (unused unless RING_W + RING_S > 0):
+    # a layered cache's ring, the program of split index 0 (unused unless RING_W + RING_S > 0):
     xq_ptr, stride_xqb, stride_xqh,  # raw queries [B, Hq, D] (model dtype)
     ring_ptr, stride_rb,  # int32 [B, ring blocks]: each request's ring
     k_offset_ptr, v_offset_ptr,  # c_k, c_v [H, D] float32
@@ -168,14 +169,16 @@ def _decode_split_kernel(
     RING_V_T: tl.constexpr, HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr,
 ):
     """Partial attention of one request's query group over one split of its cached tokens (or, for split
-    index ``num_splits`` of a layered cache, over its ring's exact tokens, beside the other splits)."""
+    index 0 of a layered cache, over its ring's exact tokens, beside the other splits)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * G
 
     if RING_W + RING_S > 0:
-        if split == num_splits:  # the ring's program: its exact tokens, in model space
+        # the ring's program: its exact tokens, in model space; split index 0, so that the GPU starts it
+        # first (grid dimension 2 varies slowest) and it overlaps the compressed splits instead of trailing them
+        if split == 0:
             gr = tl.arange(0, RING_G_TILE)
             gr_mask = gr < G
             lse, o = _ring_split(xq_ptr + b.to(tl.int64) * stride_xqb + (h * G + gr) * stride_xqh, gr_mask, cache_ptr,
@@ -183,12 +186,13 @@ def _decode_split_kernel(
                                  tl.load(seq_lens_ptr + b), k_offset_ptr, v_offset_ptr, h, qk_scale, RING_W, RING_S,
                                  RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T,
                                  RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, D, D_TILE, RING_G_TILE,
-                                 MODEL_DTYPE, HAS_K_OFFSET, HAS_V_OFFSET)
+                                 MODEL_DTYPE, HAS_K_OFFSET, HAS_V_OFFSET, UPCAST)
             rows = (b * num_q_heads + h * G + gr).to(tl.int64)
             tl.store(ring_lse_ptr + rows, lse, mask=gr_mask)
             d = tl.arange(0, D_TILE)
             tl.store(ring_o_ptr + rows[:, None] * D + d[None, :], o, mask=gr_mask[:, None] & (d[None, :] < D))
             return
+        split -= 1
 
     seq_len = tl.load(seq_lens_ptr + b)
     if RING_W + RING_S > 0:  # layered cache: the compressed positions are [lo, hi), the rest are exact
@@ -388,6 +392,29 @@ def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits:
     return batch * num_q_heads * (num_splits * (latent_dim_v + 1) + (ring_dim + 1 if ring_dim else 0))
 
 
+def split_constexprs(layout: SlotLayout, group: int, block_size: int, block_n: int, token_rows: bool,
+                     window: int = 0, sink: int = 0, ring_slot: SlotLayout | None = None, has_k_offset: bool = False,
+                     has_v_offset: bool = False, upcast: bool = False, stride_chead: int | None = None) -> dict:
+    """The split kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike
+    (``stride_chead``: the cache's ``stride(1)``, by default dense pages)."""
+    d = layout.head_dim
+    ring_slot = ring_slot or ring_layout(d, layout.model_dtype)
+    return dict(G=group, G_TILE=max(8 if token_rows else 16, next_pow2(group)),
+                STRIDE_CHEAD=stride_chead or block_size * layout.slot_bytes,
+                BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n), **layout_constexprs(layout),
+                **dot_dtypes(layout), UPCAST=upcast, TOKEN_ROWS=token_rows, RING_W=window, RING_S=sink, D=d,
+                D_TILE=max(16, next_pow2(d)), RING_G_TILE=max(16, next_pow2(group)), RING_N=16,
+                **ring_constexprs(ring_slot, block_size, layout.slot_bytes), HAS_K_OFFSET=has_k_offset,
+                HAS_V_OFFSET=has_v_offset)
+
+
+def merge_constexprs(layout: SlotLayout, group: int, has_basis: bool, has_offset: bool, has_ring: bool) -> dict:
+    """The merge kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike."""
+    rv, d = layout.v.latent_dim, layout.head_dim
+    return dict(G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)), D=d,
+                D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, HAS_RING=has_ring)
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
@@ -443,20 +470,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         q = q.contiguous()
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
-    ring_slot = ring_slot or ring_layout(d, query.dtype)
-    g_tile = max(8 if token_rows else 16, next_pow2(group))
-    d_tile = max(16, next_pow2(d))
+    consts = split_constexprs(layout, group, block_size, block_n, token_rows, window, sink, ring_slot,
+                              transforms.k.offset is not None, has_offset, interpreted(_decode_split_kernel),
+                              kv_cache.stride(1))
     _decode_split_kernel[(batch, h, num_splits + has_ring)](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), consts.pop("STRIDE_CHEAD"),
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
         query, query.stride(0), query.stride(1), ring_table, ring_table.stride(0), k_offset, offset, ring_o, ring_lse,
-        G=group, G_TILE=g_tile, BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_B=min(block_size, block_n),
-        **layout_constexprs(layout), **dot_dtypes(layout), UPCAST=interpreted(_decode_split_kernel),
-        TOKEN_ROWS=token_rows, RING_W=window, RING_S=sink, D=d, D_TILE=d_tile, RING_G_TILE=max(16, next_pow2(group)),
-        RING_N=16, **ring_constexprs(ring_slot, block_size, layout.slot_bytes),
-        HAS_K_OFFSET=transforms.k.offset is not None, HAS_V_OFFSET=has_offset, num_warps=num_warps,
-        num_stages=num_stages)
+        **consts, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits, ring_o, ring_lse,
-        G=group, G_TILE=max(16, next_pow2(group)), RV=rv, RV_TILE=max(16, next_pow2(rv)),
-        D=d, D_TILE=d_tile, HAS_BASIS=has_basis, HAS_OFFSET=has_offset, HAS_RING=has_ring, num_warps=4)
+        **merge_constexprs(layout, group, has_basis, has_offset, has_ring), num_warps=4)

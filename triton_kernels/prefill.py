@@ -25,12 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lowrank.codec import decode_layer, encode_layer
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_query, exact_step, interpreted,
-                     layout_constexprs, load_query, next_pow2, project_queries, ring_constexprs, ring_tile,
+from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_query, exact_step, int8_codes,
+                     interpreted, layout_constexprs, load_query, next_pow2, project_queries, ring_constexprs, ring_tile,
                      store_output, transform_args)
 
 
@@ -45,18 +44,26 @@ def _exact_pairs(pos, p, valid, RING_W: tl.constexpr, RING_S: tl.constexpr):
 @triton.jit
 def _own_tile(p0, p_end, first_req, q0, h, xk_ptr, stride_xkt, stride_xkh, xv_ptr, stride_xvt, stride_xvh, d, d_mask,
               c_v, q, qc, pos, m_i, l_i, acc_x, qk_scale, X_N: tl.constexpr, RING_W: tl.constexpr,
-              RING_S: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+              RING_S: tl.constexpr, RING_INT8: tl.constexpr, HAS_V_OFFSET: tl.constexpr, UPCAST: tl.constexpr):
     """An exact step over the chunk's own tokens at positions ``p0 .. min(p0 + X_N, p_end)``, read from its K/V
-    in hand (token ``q0 + p - first_req``)."""
+    in hand (token ``q0 + p - first_req``); with an int8 ring, as the codec's int8 codes and scales, the
+    way the ring will hold them."""
     p = p0 + tl.arange(0, X_N)
     valid = p < p_end
     tok = (q0 + p - first_req).to(tl.int64)
     m = valid[:, None] & d_mask[None, :]
-    k = tl.load(xk_ptr + tok[:, None] * stride_xkt + h * stride_xkh + d[None, :], mask=m, other=0.0).to(tl.float32)
-    v = tl.load(xv_ptr + tok[:, None] * stride_xvt + h * stride_xvh + d[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_V_OFFSET:
-        v -= c_v[None, :]
-    return exact_step(q, qc, k, v, _exact_pairs(pos, p, valid, RING_W, RING_S), m_i, l_i, acc_x, qk_scale)
+    k = tl.load(xk_ptr + tok[:, None] * stride_xkt + h * stride_xkh + d[None, :], mask=m, other=0.0)
+    v = tl.load(xv_ptr + tok[:, None] * stride_xvt + h * stride_xvh + d[None, :], mask=m, other=0.0)
+    if RING_INT8:
+        k_scale, k_codes = int8_codes(k.to(tl.float32))
+        v_scale, v_codes = int8_codes(v.to(tl.float32))
+        k, k_scale = k_codes.to(k.dtype), k_scale.to(tl.float32)
+        v, v_scale = v_codes.to(v.dtype), v_scale.to(tl.float32)
+    else:
+        k_scale = tl.full((X_N,), 1.0, dtype=tl.float32)
+        v_scale = k_scale
+    return exact_step(q, qc, c_v, k, k_scale, v, v_scale, _exact_pairs(pos, p, valid, RING_W, RING_S), m_i, l_i,
+                      acc_x, qk_scale, RING_INT8, HAS_V_OFFSET, UPCAST)
 
 
 @triton.jit
@@ -67,7 +74,8 @@ def _exact_phase(xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, 
                  RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
                  RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
                  RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr, RING_V_T: tl.constexpr,
-                 MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
+                 MODEL_DTYPE: tl.constexpr, HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr,
+                 UPCAST: tl.constexpr):
     """The exact positions of a query tile (layered cache): online softmax ``(m_i, l_i, acc_x)``, ``acc_x``
     [M, D_TILE] = ``sum_p w_p (v_p - c_v)``. Rows are at positions ``pos`` [M] of a request whose chunk
     starts at ``first_req``; the tile's rows span ``first_pos .. last_pos``."""
@@ -81,24 +89,24 @@ def _exact_phase(xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, 
         # reaches it or it holds sink positions
         j_lo = tl.where((first_pos - RING_W + 1 < first_req) | (first_req - RING_W < RING_S), 0, RING_W)
         for j0 in range(j_lo, RING_W + RING_S, RING_N):
-            p, valid, k, v = ring_tile(j0, first_req, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask, RING_W,
-                                       RING_S, RING_T, RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF,
-                                       RING_K_T, RING_V_OFF, RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
-            if HAS_V_OFFSET:
-                v -= c_v[None, :]
-            m_i, l_i, acc_x = exact_step(q, qc, k, v, _exact_pairs(pos, p, valid, RING_W, RING_S), m_i, l_i, acc_x,
-                                         qk_scale)
+            p, valid, k, k_scale, v, v_scale = ring_tile(j0, first_req, cache_ptr, ring_row, stride_cblk, head_off, d,
+                                                         d_mask, RING_W, RING_S, RING_T, RING_N, RING_INT8, RING_K_OFF,
+                                                         RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF,
+                                                         RING_V_BYTES, RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE)
+            keep = _exact_pairs(pos, p, valid, RING_W, RING_S)
+            m_i, l_i, acc_x = exact_step(q, qc, c_v, k, k_scale, v, v_scale, keep, m_i, l_i, acc_x, qk_scale,
+                                         RING_INT8, HAS_V_OFFSET, UPCAST)
     # the chunk's own tokens: its sink positions, then the window band of the tile's rows (disjoint ranges)
     sink_end = tl.minimum(RING_S, last_pos + 1)
     for p0 in range(first_req, sink_end, X_N):
         m_i, l_i, acc_x = _own_tile(p0, sink_end, first_req, q0, h, xk_ptr, stride_xkt, stride_xkh, xv_ptr,
                                     stride_xvt, stride_xvh, d, d_mask, c_v, q, qc, pos, m_i, l_i, acc_x, qk_scale, X_N,
-                                    RING_W, RING_S, HAS_V_OFFSET)
+                                    RING_W, RING_S, RING_INT8, HAS_V_OFFSET, UPCAST)
     band = tl.maximum(tl.maximum(sink_end, first_req), first_pos - RING_W + 1)
     for p0 in range(band, last_pos + 1, X_N):
         m_i, l_i, acc_x = _own_tile(p0, last_pos + 1, first_req, q0, h, xk_ptr, stride_xkt, stride_xkh, xv_ptr,
                                     stride_xvt, stride_xvh, d, d_mask, c_v, q, qc, pos, m_i, l_i, acc_x, qk_scale, X_N,
-                                    RING_W, RING_S, HAS_V_OFFSET)
+                                    RING_W, RING_S, RING_INT8, HAS_V_OFFSET, UPCAST)
     return m_i, l_i, acc_x
 
 
@@ -159,7 +167,7 @@ def _prefill_kernel(
                 ring_ptr + b.to(tl.int64) * stride_rb, stride_cblk, head_off, xk_ptr, stride_xkt, stride_xkh, xv_ptr,
                 stride_xvt, stride_xvh, k_offset_ptr, offset_ptr, qk_scale, M, D, D_TILE, X_N, RING_W, RING_S, RING_T,
                 RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF, RING_V_BYTES,
-                RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE, HAS_K_OFFSET, HAS_OFFSET)
+                RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE, HAS_K_OFFSET, HAS_OFFSET, UPCAST)
             m_x = m_i
         else:
             m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
@@ -222,6 +230,27 @@ def _prefill_kernel(
                          HAS_BASIS, HAS_OFFSET, extra, HAS_RING)
 
 
+def prefill_constexprs(layout: SlotLayout, group: int, block_size: int, block_m: int, block_n: int, window: int = 0,
+                       sink: int = 0, ring_slot: SlotLayout | None = None, has_basis: bool = False,
+                       has_offset: bool = False, has_k_offset: bool = False, upcast: bool = False,
+                       stride_chead: int | None = None) -> dict:
+    """The prefill kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike
+    (``stride_chead``: the cache's ``stride(1)``, by default dense pages)."""
+    d, g_p2 = layout.head_dim, next_pow2(group)
+    c = layout_constexprs(layout)
+    d_tile = max(16, next_pow2(d))
+    if window + sink and not has_basis:  # the exact part is added to the latent output as it is: the same width
+        d_tile = max(d_tile, c["RV_TILE"] * (2 if layout.v.fmt.storage == "int4" else 1))
+    ring_slot = ring_slot or ring_layout(d, layout.model_dtype)
+    # BLOCK_Q is fixed by the group alone (not by the chunk lengths): one compiled variant per layer format;
+    # M = BLOCK_Q * G_P2 >= 16 for tl.dot
+    return dict(STRIDE_CHEAD=stride_chead or block_size * layout.slot_bytes, G=group, G_P2=g_p2,
+                BLOCK_Q=max(1, block_m // g_p2, -(-16 // g_p2)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                TILE_B=min(block_size, block_n), D=d, D_TILE=d_tile, **c, **dot_dtypes(layout), UPCAST=upcast,
+                HAS_BASIS=has_basis, HAS_OFFSET=has_offset, RING_W=window, RING_S=sink, RING_N=16, X_N=32,
+                **ring_constexprs(ring_slot, block_size, layout.slot_bytes), HAS_K_OFFSET=has_k_offset)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                     layout: SlotLayout, transforms: LayerTransforms, scale: float, out: torch.Tensor,
@@ -242,8 +271,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     Layered cache: ``ring_table`` int32 [R, ring blocks] holds each request's ring (its tokens before this
     chunk; the chunk's are written after attention) as slots of ``ring_slot`` (default: the model dtype's
     :func:`vllm_lowrank.formats.ring_layout`), ``block_table`` the compressed blocks, and ``key``/``value``
-    [T, H, D] the chunks' own exact K/V (token-indexed like ``query``; with an int8 ring read as the ring
-    will hold them). Same result as :func:`vllm_lowrank.layered.layered_attention` per request.
+    [T, H, D] the chunks' own exact K/V (token-indexed like ``query``, as the model gives them: with an int8
+    ring the kernel reads them rounded as the ring will hold them). Same result as
+    :func:`vllm_lowrank.layered.layered_attention` per request.
     """
     first, end = requests if requests is not None else (0, seq_lens.shape[0])
     if end <= first or max_query_len == 0:
@@ -252,46 +282,32 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     _, h, block_size = check_cache(kv_cache, layout)
     assert out.stride(-1) == 1
     assert block_table.stride(-1) == 1
-    group = hq // h
-    g_p2 = next_pow2(group)
     assert max(block_size, block_n) % min(block_size, block_n) == 0, "tiles are whole blocks or parts of one"
-    # fixed by the group alone (not by the chunk lengths): one compiled variant per layer format
-    block_q = max(1, block_m // g_p2, -(-16 // g_p2))  # M = block_q * g_p2 >= 16 for tl.dot
 
     q = project_queries(query, transforms.k, h)
     if q.stride(-1) != 1:
         q = q.contiguous()
     basis, offset, has_basis, has_offset = transform_args(transforms.v, q)
-    c = layout_constexprs(layout)
-    d_tile = max(16, next_pow2(d))
     if ring_table is None:
         window = sink = 0
-    ring_slot = ring_slot or ring_layout(d, query.dtype)
     if window + sink:
         assert key is not None and value is not None, "a layered cache needs the chunks' own K/V"
         assert ring_table.stride(-1) == 1 and query.stride(-1) == 1
-        if ring_slot.k.fmt.storage != "model":  # the chunks' tokens as the ring will hold them
-            from vllm_lowrank.layered import ring_transforms
-
-            key, value = decode_layer(encode_layer(key, value, ring_slot, ring_transforms(ring_slot, h)), ring_slot)
         assert key.stride(-1) == 1 and value.stride(-1) == 1
         k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else q
-        if not has_basis:  # the exact part is added to the latent output as it is: the same width
-            d_tile = max(d_tile, c["RV_TILE"] * (2 if layout.v.fmt.storage == "int4" else 1))
     else:
         ring_table, key, value, k_offset = seq_lens, query, query, q  # unused
-    grid = (end - first, triton.cdiv(max_query_len, block_q), h)
+    consts = prefill_constexprs(layout, hq // h, block_size, block_m, block_n, window, sink, ring_slot, has_basis,
+                                has_offset, transforms.k.offset is not None, interpreted(_prefill_kernel),
+                                kv_cache.stride(1))
+    grid = (end - first, triton.cdiv(max_query_len, consts["BLOCK_Q"]), h)
     _prefill_kernel[grid](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), consts.pop("STRIDE_CHEAD"),
         block_table, block_table.stride(0), seq_lens, query_start_loc, first, out, out.stride(0), out.stride(1),
         basis, offset, scale * LOG2E,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), value, value.stride(0),
-        value.stride(1), ring_table, ring_table.stride(0), k_offset,
-        G=group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        TILE_B=min(block_size, block_n), D=d, D_TILE=d_tile, **c, **dot_dtypes(layout),
-        UPCAST=interpreted(_prefill_kernel), HAS_BASIS=has_basis, HAS_OFFSET=has_offset,
-        RING_W=window, RING_S=sink, RING_N=16, X_N=32, **ring_constexprs(ring_slot, block_size, layout.slot_bytes),
-        HAS_K_OFFSET=transforms.k.offset is not None, num_warps=num_warps, num_stages=num_stages)
+        value.stride(1), ring_table, ring_table.stride(0), k_offset, **consts, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 def compile_prefill(kv_cache: torch.Tensor, block_table_stride: int, num_q_heads: int, dtype: torch.dtype,

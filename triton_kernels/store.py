@@ -16,8 +16,8 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8_MAX, INT4, INT4_MAX, INT8, INT8_MAX, MODEL, TINY, check_cache, column_stride, field_ptr,
-                     layout_constexprs, next_pow2, rint)
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, MODEL, check_cache, column_stride, field_ptr, int8_codes,
+                     layout_constexprs, next_pow2, rint, stored_scale)
 
 
 @triton.jit
@@ -57,14 +57,6 @@ def _fp8e4m3_bits(y):
 
 
 @triton.jit
-def _stored_scale(s):
-    """The fp16 scale as the codec stores it, and its float32 value used to divide (never zero)."""
-    s16 = tl.maximum(s, TINY).to(tl.float16)
-    s32 = s16.to(tl.float32)
-    return s16, tl.where(s32 > 0, s32, TINY)
-
-
-@triton.jit
 def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, head_mask,
                    STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
                    ZERO_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr,
@@ -85,7 +77,7 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
                         tl.min(tl.where(mb, xb, float("inf")), axis=1))
         hi = tl.maximum(tl.max(tl.where(ma, xa, float("-inf")), axis=1),
                         tl.max(tl.where(mb, xb, float("-inf")), axis=1))
-        s16, scale = _stored_scale(tl.math.div_rn(hi - lo, INT4_MAX))
+        s16, scale = stored_scale(tl.math.div_rn(hi - lo, INT4_MAX))
         z16 = lo.to(tl.float16)
         zero = z16.to(tl.float32)
         qa = tl.clamp(rint(tl.math.div_rn(xa - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
@@ -104,14 +96,12 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
             tl.store(payload + col, _cast_rtne(x, MODEL_DTYPE), mask=m)
         else:
             x = x.to(tl.float32)
-            absmax = tl.max(tl.abs(x), axis=1)
             payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8, TRANSPOSED)
             if STORAGE == INT8:
-                s16, scale = _stored_scale(tl.math.div_rn(absmax, INT8_MAX))
-                y = tl.math.div_rn(x, scale[:, None])
-                q = tl.clamp(rint(y), -INT8_MAX, INT8_MAX).to(tl.int8).to(tl.uint8, bitcast=True)
+                s16, q = int8_codes(x)
+                q = q.to(tl.int8).to(tl.uint8, bitcast=True)
             else:
-                s16, scale = _stored_scale(tl.math.div_rn(absmax, FP8_MAX))
+                s16, scale = stored_scale(tl.math.div_rn(tl.max(tl.abs(x), axis=1), FP8_MAX))
                 y = tl.math.div_rn(x, scale[:, None])
                 q = _fp8e4m3_bits(tl.clamp(y, -FP8_MAX, FP8_MAX))
             tl.store(payload + col, q, mask=m)
@@ -165,6 +155,19 @@ def _store_kernel(
     _zero_gap(cache_ptr, page, within, head_mask, GAP2, GAP2_LEN, BLOCK_SIZE, H_TILE)
 
 
+def store_constexprs(layout: SlotLayout, num_kv_heads: int, block_size: int, stride_chead: int | None = None) -> dict:
+    """The store kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike
+    (``stride_chead``: the cache's ``stride(1)``, by default dense pages)."""
+    c = layout_constexprs(layout, minimum_tile=1)
+    gaps = layout.gaps()
+    assert len(gaps) <= 3 and all(nbytes < 4 for _, nbytes in gaps), f"unexpected slot padding {gaps}"
+    gaps += [(0, 0)] * 3
+    for i, (off, nbytes) in enumerate(gaps[:3]):
+        c[f"GAP{i}"], c[f"GAP{i}_LEN"] = off, nbytes
+    return dict(STRIDE_CHEAD=stride_chead or block_size * layout.slot_bytes, H=num_kv_heads,
+                H_TILE=next_pow2(num_kv_heads), BLOCK_SIZE=block_size, **c)
+
+
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
           layout: SlotLayout, transforms: LayerTransforms) -> None:
     """Encode keys/values [N', H, D] and scatter them to ``slot_mapping`` [N] (slots < 0 are padding).
@@ -182,16 +185,11 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
         if src.stride(-1) != 1:
             src = src.contiguous()
         srcs.append(src)
-    (ks, vs), c = srcs, layout_constexprs(layout, minimum_tile=1)
-    gaps = layout.gaps()
-    assert len(gaps) <= 3 and all(nbytes < 4 for _, nbytes in gaps), f"unexpected slot padding {gaps}"
-    gaps += [(0, 0)] * 3
-    for i, (off, nbytes) in enumerate(gaps[:3]):
-        c[f"GAP{i}"], c[f"GAP{i}_LEN"] = off, nbytes
+    ks, vs = srcs
+    c = store_constexprs(layout, h, block_size, kv_cache.stride(1))
     _store_kernel[(n,)](
         ks, ks.stride(0), ks.stride(1), vs, vs.stride(0), vs.stride(1),
-        kv_cache, kv_cache.stride(0), kv_cache.stride(1), slot_mapping,
-        H=h, H_TILE=next_pow2(h), BLOCK_SIZE=block_size, **c, num_warps=4)
+        kv_cache, kv_cache.stride(0), c.pop("STRIDE_CHEAD"), slot_mapping, **c, num_warps=4)
 
 
 def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, ring_table: torch.Tensor,

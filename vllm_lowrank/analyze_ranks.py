@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         calibrate_main(["--stats", args.stats])
     st = Statistics.load(args.stats)
-    num_layers, h, d = st.num_layers, st.num_kv_heads, st.head_dim
+    num_layers, d = st.num_layers, st.head_dim
     spectra, eff, stab = {}, {}, {}
     names = {"k": "K post-RoPE", "kp": "K pre-RoPE", "v": "V"}
     for t in names:

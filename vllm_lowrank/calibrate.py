@@ -103,7 +103,7 @@ def gather_statistics(model: Path, windows: list[list[int]], batch: int, dtype: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from . import calibration as cal
-    from .engine import model_shape, rope_theta
+    from .engine import rope_theta
 
     if args.model is None:
         from .models import smollm2
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.save(stats_path)
         print(f"statistics: {int(stats.count[0])} tokens per layer -> {stats_path}")
 
-    num_layers, hq, h, d = stats.num_layers, None, stats.num_kv_heads, stats.head_dim
+    num_layers, h, d = stats.num_layers, stats.num_kv_heads, stats.head_dim
     if args.optimize_rank:
         from safetensors import safe_open
 
