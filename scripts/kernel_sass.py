@@ -96,7 +96,8 @@ def compile_merge(fmt: LayerFormat, head_dim: int, group: int, arch: int, ring: 
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
     has_basis = fmt.v.transform != "none"
     consts = decode.merge_constexprs(layout, group, has_basis, has_basis, ring)
-    return compile_kernel(decode._decode_merge_kernel, consts, {"out_ptr": _types(fmt, model_dtype)[0]}, arch)
+    return compile_kernel(decode._decode_merge_kernel, consts, {"out_ptr": _types(fmt, model_dtype)[0]}, arch,
+                          decode.merge_num_warps(head_dim))
 
 
 def compile_prefill(fmt: LayerFormat, head_dim: int, group: int, block_size: int, arch: int,

@@ -528,10 +528,10 @@ def store_output(o_a, o_b, out_rows, row_mask, basis_ptr, offset_ptr, h,
         # P^T tiles [RV_TILE, D_TILE]: pt[c, d] = P[h, d, ch(c)]
         p_base = basis_ptr + h * (D * RV) + d[None, :] * RV
         pt_a = tl.load(p_base + ch_a[:, None], mask=(ch_a[:, None] < RV) & (d[None, :] < D), other=0.0)
-        o = tl.dot(o_a, pt_a, input_precision="ieee")
+        o = tl.dot(o_a, pt_a, input_precision="tf32x3")
         if SPLIT_HALVES:
             pt_b = tl.load(p_base + ch_b[:, None], mask=(ch_b[:, None] < RV) & (d[None, :] < D), other=0.0)
-            o = tl.dot(o_b, pt_b, o, input_precision="ieee")
+            o = tl.dot(o_b, pt_b, o, input_precision="tf32x3")
         if HAS_OFFSET:
             o += tl.load(offset_ptr + h * D + d, mask=d < D, other=0.0)[None, :]
         if HAS_EXTRA:

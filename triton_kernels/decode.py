@@ -415,6 +415,12 @@ def merge_constexprs(layout: SlotLayout, group: int, has_basis: bool, has_offset
                 D_TILE=max(16, next_pow2(d)), HAS_BASIS=has_basis, HAS_OFFSET=has_offset, HAS_RING=has_ring)
 
 
+def merge_num_warps(head_dim: int) -> int:
+    """Warps of the merge kernel: 8 from head_dim 128, where 4 spill the rebuild's [RV, D] basis tile
+    (255 registers and 150-250 bytes of stack a thread on sm_90, ``scripts/kernel_sass.py --every-kernel``)."""
+    return 4 if head_dim <= 64 else 8
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, layout: SlotLayout, transforms: LayerTransforms, scale: float,
                      out: torch.Tensor, num_splits: int | None = None, workspace: torch.Tensor | None = None,
@@ -480,4 +486,4 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         **consts, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(batch, h)](
         part_o, part_lse, out, out.stride(0), out.stride(1), basis, offset, num_splits, ring_o, ring_lse,
-        **merge_constexprs(layout, group, has_basis, has_offset, has_ring), num_warps=4)
+        **merge_constexprs(layout, group, has_basis, has_offset, has_ring), num_warps=merge_num_warps(d))
