@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--token-rows", action="store_true",
                    help="also time each of our formats with decode_attention(token_rows=True), as '<format> [tr]'")
     p.add_argument("--formats", default=None, help="comma list of our format names to run (default: all)")
+    p.add_argument("--ring", default=None, metavar="W,S",
+                   help="also time each of our formats as a layered cache keeping its last W and first S tokens "
+                        "exact, with the ring in bf16 ('<format> +ring') and in int8 ('<format> +ring8')")
     p.add_argument("--time-budget", type=float, default=330.0,
                    help="seconds; past it, the remaining (largest) shapes are skipped with an error row")
     return p.parse_args()
@@ -190,8 +193,10 @@ class Problem:
 
 
 def ours_variant(pb: Problem, fmt, cfg: dict):
-    """(call(block_table), bytes read, info) of our decode kernel on one format."""
-    from vllm_lowrank.formats import SlotLayout
+    """(call(block_table), bytes read, info) of our decode kernel on one format. ``cfg["ring"]`` = (W, S,
+    exact dtype): a layered cache, whose ring takes each table row's first blocks (the sequences are
+    that much shorter, so that the compressed part fits the rest of the row)."""
+    from vllm_lowrank.formats import SlotLayout, ring_layout, ring_tokens_per_block
     from vllm_lowrank.kernels import decode_attention, default_num_splits, workspace_numel
     from vllm_lowrank.kernels.decode import DEFAULT_BLOCK_N
 
@@ -202,13 +207,33 @@ def ours_variant(pb: Problem, fmt, cfg: dict):
     out = torch.empty_like(q)
     splits = cfg.get("num_splits") or default_num_splits(pb.batch, pb.h, "cuda",
                                                          block_n=cfg.get("block_n", DEFAULT_BLOCK_N))
-    ws = torch.empty(workspace_numel(pb.batch, pb.hq, layout.v.latent_dim, splits), device="cuda")
-    kw = {k: v for k, v in cfg.items() if k != "num_splits"}
+    kw = {k: v for k, v in cfg.items() if k not in ("num_splits", "ring")}
+    info = {"slot_bytes": layout.slot_bytes, "num_splits": splits, "compression": layout.compression_vs(torch.bfloat16)}
+    if "ring" not in cfg:
+        ws = torch.empty(workspace_numel(pb.batch, pb.hq, layout.v.latent_dim, splits), device="cuda")
+
+        def call(bt: torch.Tensor) -> None:
+            decode_attention(q, cache, bt, pb.seq_lens, layout, tr, pb.d ** -0.5, out, num_splits=splits,
+                             workspace=ws, **kw)
+        return call, pb.tokens * pb.h * layout.slot_bytes, info
+
+    window, sink, exact = cfg["ring"]
+    ring = ring_layout(pb.d, torch.bfloat16, exact)
+    per_block = ring_tokens_per_block(BLOCK_SIZE, layout.slot_bytes, ring)
+    if per_block == 0:
+        raise ValueError(f"a {layout.slot_bytes}-byte slot's page holds no {exact} ring token")
+    k = -(-(window + sink) // per_block)
+    if pb.ctx - k * BLOCK_SIZE <= window + sink:
+        raise ValueError(f"context {pb.ctx} too short for {k} ring blocks and {window + sink} exact tokens")
+    seq_lens = pb.seq_lens - k * BLOCK_SIZE
+    ws = torch.empty(workspace_numel(pb.batch, pb.hq, layout.v.latent_dim, splits, pb.d), device="cuda")
+
     def call(bt: torch.Tensor) -> None:
-        decode_attention(q, cache, bt, pb.seq_lens, layout, tr, pb.d ** -0.5, out, num_splits=splits, workspace=ws,
-                         **kw)
-    return call, pb.tokens * pb.h * layout.slot_bytes, {"slot_bytes": layout.slot_bytes, "num_splits": splits,
-                                                       "compression": layout.compression_vs(torch.bfloat16)}
+        decode_attention(q, cache, bt[:, k:], seq_lens, layout, tr, pb.d ** -0.5, out, num_splits=splits,
+                         workspace=ws, ring_table=bt[:, :k], window=window, sink=sink, ring_slot=ring, **kw)
+    nbytes = pb.batch * pb.h * ((pb.ctx - k * BLOCK_SIZE - window - sink) * layout.slot_bytes
+                                + (window + sink) * ring.slot_bytes)
+    return call, nbytes, {**info, "ring_blocks": k, "ring_slot_bytes": ring.slot_bytes}
 
 
 def vllm_variant(pb: Problem, name: str):
@@ -336,6 +361,12 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
                 fmts[f"{name} [tr]"] = fmts[name]
                 extra_cfg[name] = {"token_rows": False}
                 extra_cfg[f"{name} [tr]"] = {"token_rows": True}
+        if args.ring:  # layered caches: the same formats with a ring of exact tokens
+            window, sink = (int(x) for x in args.ring.split(","))
+            for name in list(fmts):
+                for tag, exact in (("+ring", "model"), ("+ring8", "int8")):
+                    fmts[f"{name} {tag}"] = fmts[name]
+                    extra_cfg[f"{name} {tag}"] = {**extra_cfg[name], "ring": (window, sink, exact)}
         theirs = [v for v in VLLM_VARIANTS if v in args.vllm_variants.split(",")]
         variants = ([] if args.no_vllm else theirs) + list(fmts)
         for ctx in contexts:
@@ -450,6 +481,15 @@ def short_table(results: dict, copy_bw: float) -> str:
         lines.append("token rows: time of '<format> [tr]' / time of '<format>' (< 1: token rows faster)")
         for (model, b, ctx), vs in rows.items():
             ratios = [f"{a} {vs[t]['ms'] / vs[a]['ms']:.2f}" for a, t in pairs
+                      if "ms" in vs.get(a, {}) and "ms" in vs.get(t, {})]
+            lines.append(f"  {model[-9:]:9s} {b:>3d} x {ctx // 1024:>2d}k  " + ", ".join(ratios))
+    rings = [(n, f"{n} {tag}") for tag in ("+ring", "+ring8") for n in SHORT_COLUMNS
+             if any(f"{n} {tag}" in vs for vs in rows.values())]
+    if rings:
+        lines.append("layered caches: time of '<format> +ring[8]' / time of '<format>' (the ring's exact tokens read "
+                     "beside the compressed ones; its sequences are shorter by the ring's blocks)")
+        for (model, b, ctx), vs in rows.items():
+            ratios = [f"{t} {vs[t]['ms'] / vs[a]['ms']:.2f}" for a, t in rings
                       if "ms" in vs.get(a, {}) and "ms" in vs.get(t, {})]
             lines.append(f"  {model[-9:]:9s} {b:>3d} x {ctx // 1024:>2d}k  " + ", ".join(ratios))
     for r in results["store"]:

@@ -12,6 +12,8 @@
 #                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
+#   bash scripts/h200.sh bench-ring     # decode kernels with and without a layered cache's ring (last 64 and first
+#                                       # token exact, bf16 and int8 rings), 1B and 8B shapes, batch 64/256, 1k/8k, ~4 min
 #   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and
 #                                       # perplexity (40 windows; carry as for ppl), side by side, ~5 min
 #   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, the ceiling auto-ample (bf16 with 16 GiB
@@ -25,7 +27,7 @@
 # Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
 # this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
 set -euo pipefail
-step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|layered|throughput-layered|profile-layered}
+step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|bench-ring|layered|throughput-layered|profile-layered}
 OUT=${OUT:-/tmp/h200-out}
 mkdir -p "$OUT"
 source /tmp/site/env.sh
@@ -98,6 +100,11 @@ case $step in
       --variants fp8,lr:int4,lr:plan-4x-w64-int8 --num-prompts 128 --output-len 256 --out "$OUT" \
       > "$OUT/profile-layered.log" 2>&1 || echo "profile_serving.py exited with status $?"
     grep "^## " "$OUT/profile-layered.log" ;;
+  bench-ring)
+    python3 -P scripts/bench_kernels.py --models llama-1b,llama3-8b --batches 64,256 --contexts 1024,8192 --no-tune \
+      --no-vllm --formats "int8,int4,lowrank+int8 1/4" --ring 64,1 --time-budget 420 --out "$OUT/bench_ring.json" \
+      > "$OUT/bench_ring.log" 2>&1 || echo "bench_kernels.py exited with status $?"
+    tail -30 "$OUT/bench_ring.log" ;;
   kernels)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend_kernels.py \
       -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1 || true
