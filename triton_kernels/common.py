@@ -623,24 +623,26 @@ def ring_tile(j0, stored, cache_ptr, ring_row, stride_cblk, head_off, d, d_mask,
 
 
 @triton.jit
-def exact_query(q_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D: tl.constexpr, D_TILE: tl.constexpr,
+def exact_start(q_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D: tl.constexpr, D_TILE: tl.constexpr,
                 HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr):
-    """What attention over exact tokens needs of its rows: the raw queries [M, D_TILE] (in their dtype, the
-    model's; zero where not ``row_mask``), ``q . c_k`` [M] (float32) and ``c_v`` [D_TILE] (float32; zero
-    without offsets)."""
+    """What attention over exact tokens (:func:`exact_step`) starts from, for [M] rows: the raw queries
+    [M, D_TILE] (in their dtype, the model's; zero where not ``row_mask``), ``q . c_k`` [M] (float32),
+    ``c_v`` [D_TILE] (float32; zero without offsets) and an empty online softmax ``(m_i, l_i, acc)``."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
+    m: tl.constexpr = q_rows.shape[0]
     q = tl.load(q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if HAS_K_OFFSET:
         c_k = tl.load(k_offset_ptr + h * D + d, mask=d_mask, other=0.0)
         qc = tl.sum(q.to(tl.float32) * c_k[None, :], axis=1)
     else:
-        qc = tl.zeros((q_rows.shape[0],), dtype=tl.float32)
+        qc = tl.zeros((m,), dtype=tl.float32)
     if HAS_V_OFFSET:
         c_v = tl.load(v_offset_ptr + h * D + d, mask=d_mask, other=0.0)
     else:
         c_v = tl.zeros((D_TILE,), dtype=tl.float32)
-    return q, qc, c_v
+    m_i = tl.full((m,), float("-inf"), dtype=tl.float32)
+    return q, qc, c_v, m_i, tl.zeros((m,), dtype=tl.float32), tl.zeros((m, D_TILE), dtype=tl.float32)
 
 
 @triton.jit

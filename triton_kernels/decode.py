@@ -29,7 +29,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_query, exact_step,
+from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_start, exact_step,
                      interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
                      project_queries, ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot,
                      transform_args)
@@ -124,10 +124,8 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
     (-inf if empty) and the normalised ``sum_j p_j (v_j - c_v)`` [G_TILE, D_TILE]."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
-    q, qc, c_v = exact_query(q_rows, g_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE, HAS_K_OFFSET, HAS_V_OFFSET)
-    m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((G_TILE,), dtype=tl.float32)
-    acc = tl.zeros((G_TILE, D_TILE), dtype=tl.float32)
+    q, qc, c_v, m_i, l_i, acc = exact_start(q_rows, g_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE, HAS_K_OFFSET,
+                                            HAS_V_OFFSET)
     for j0 in range(0, RING_W + RING_S, RING_N):
         _, valid, k, k_scale, v, v_scale = ring_tile(j0, seq_len, cache_ptr, ring_row, stride_cblk, head_off, d,
                                                      d_mask, RING_W, RING_S, RING_T, RING_N, RING_INT8, RING_K_OFF,

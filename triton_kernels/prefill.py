@@ -28,7 +28,7 @@ import triton.language as tl
 from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_query, exact_step, int8_codes,
+from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_start, exact_step, int8_codes,
                      interpreted, layout_constexprs, load_query, next_pow2, project_queries, ring_constexprs, ring_tile,
                      store_output, transform_args)
 
@@ -69,7 +69,7 @@ def _own_tile(p0, p_end, first_req, q0, h, xk_ptr, stride_xkt, stride_xkh, xv_pt
 @triton.jit
 def _exact_phase(xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, cache_ptr, ring_row, stride_cblk,
                  head_off, xk_ptr, stride_xkt, stride_xkh, xv_ptr, stride_xvt, stride_xvh, k_offset_ptr, v_offset_ptr,
-                 qk_scale, M: tl.constexpr, D: tl.constexpr, D_TILE: tl.constexpr, X_N: tl.constexpr,
+                 qk_scale, D: tl.constexpr, D_TILE: tl.constexpr, X_N: tl.constexpr,
                  RING_W: tl.constexpr, RING_S: tl.constexpr, RING_T: tl.constexpr, RING_N: tl.constexpr,
                  RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr,
                  RING_K_SCALE_OFF: tl.constexpr, RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr,
@@ -81,10 +81,8 @@ def _exact_phase(xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, 
     starts at ``first_req``; the tile's rows span ``first_pos .. last_pos``."""
     d = tl.arange(0, D_TILE)
     d_mask = d < D
-    q, qc, c_v = exact_query(xq_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE, HAS_K_OFFSET, HAS_V_OFFSET)
-    m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((M,), dtype=tl.float32)
-    acc_x = tl.zeros((M, D_TILE), dtype=tl.float32)
+    q, qc, c_v, m_i, l_i, acc_x = exact_start(xq_rows, row_mask, k_offset_ptr, v_offset_ptr, h, D, D_TILE,
+                                              HAS_K_OFFSET, HAS_V_OFFSET)
     if first_req > 0:  # positions before the chunk, from the ring; its window part only if the tile's band
         # reaches it or it holds sink positions
         j_lo = tl.where((first_pos - RING_W + 1 < first_req) | (first_req - RING_W < RING_S), 0, RING_W)
@@ -165,7 +163,7 @@ def _prefill_kernel(
             m_i, l_i, acc_x = _exact_phase(
                 xq_rows, row_mask, pos, first_req, first_pos, last_pos, q0, h, cache_ptr,
                 ring_ptr + b.to(tl.int64) * stride_rb, stride_cblk, head_off, xk_ptr, stride_xkt, stride_xkh, xv_ptr,
-                stride_xvt, stride_xvh, k_offset_ptr, offset_ptr, qk_scale, M, D, D_TILE, X_N, RING_W, RING_S, RING_T,
+                stride_xvt, stride_xvh, k_offset_ptr, offset_ptr, qk_scale, D, D_TILE, X_N, RING_W, RING_S, RING_T,
                 RING_N, RING_INT8, RING_K_OFF, RING_K_BYTES, RING_K_SCALE_OFF, RING_K_T, RING_V_OFF, RING_V_BYTES,
                 RING_V_SCALE_OFF, RING_V_T, MODEL_DTYPE, HAS_K_OFFSET, HAS_OFFSET, UPCAST)
             m_x = m_i
@@ -278,7 +276,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     first, end = requests if requests is not None else (0, seq_lens.shape[0])
     if end <= first or max_query_len == 0:
         return
-    t, hq, d = query.shape
+    hq = query.shape[1]
     _, h, block_size = check_cache(kv_cache, layout)
     assert out.stride(-1) == 1
     assert block_table.stride(-1) == 1
