@@ -35,6 +35,10 @@ from vllm_lowrank.kernels import decode, prefill
 
 store = importlib.import_module("vllm_lowrank.kernels.store")  # the module (the package exports its function)
 
+# pointer element types that do not depend on the format (the others default to float32)
+INDEX_POINTERS = {"cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32", "query_start_ptr": "i32",
+                  "ring_ptr": "i32", "slot_mapping_ptr": "i64"}
+
 _INSN = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
@@ -50,8 +54,10 @@ def parse_format(spec: str) -> LayerFormat:
 def compile_kernel(kernel, consts: dict, pointer_types: dict[str, str], arch: int, num_warps: int = 4,
                    num_stages: int = 2, float_args: tuple[str, ...] = ("qk_scale",)):
     """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU. ``consts``: its constexprs;
-    pointers (``*_ptr``) have the element types of ``pointer_types`` (default float32) and, like every
-    stride, 16-byte alignment, as at run time; other arguments are int32 (``float_args``: float32)."""
+    pointers (``*_ptr``) have the element types of ``pointer_types`` (then :data:`INDEX_POINTERS`, else
+    float32) and, like every stride, 16-byte alignment, as at run time; other arguments are int32
+    (``float_args``: float32)."""
+    pointer_types = {**INDEX_POINTERS, **pointer_types}
     signature = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -85,8 +91,7 @@ def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int,
                                      ring_layout(head_dim, model_dtype, ring[2]), True, True)
     model_type, q_type = _types(fmt, model_dtype)
     return compile_kernel(decode._decode_split_kernel, consts,
-                          {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
-                           "xq_ptr": model_type, "ring_ptr": "i32"}, arch, num_warps, num_stages)
+                          {"q_ptr": q_type, "xq_ptr": model_type}, arch, num_warps, num_stages)
 
 
 def compile_merge(fmt: LayerFormat, head_dim: int, group: int, arch: int, ring: bool = False,
@@ -111,9 +116,8 @@ def compile_prefill(fmt: LayerFormat, head_dim: int, group: int, block_size: int
                                         ring_layout(head_dim, model_dtype, ring[2]), has_basis, has_basis, True)
     model_type, q_type = _types(fmt, model_dtype)
     return compile_kernel(prefill._prefill_kernel, consts,
-                          {"q_ptr": q_type, "cache_ptr": "u8", "block_table_ptr": "i32", "seq_lens_ptr": "i32",
-                           "query_start_ptr": "i32", "out_ptr": model_type, "xq_ptr": model_type,
-                           "xk_ptr": model_type, "xv_ptr": model_type, "ring_ptr": "i32"}, arch, num_warps, num_stages)
+                          {"q_ptr": q_type, "out_ptr": model_type, "xq_ptr": model_type, "xk_ptr": model_type,
+                           "xv_ptr": model_type}, arch, num_warps, num_stages)
 
 
 def compile_store(fmt: LayerFormat, head_dim: int, num_kv_heads: int, block_size: int, arch: int,
@@ -122,8 +126,7 @@ def compile_store(fmt: LayerFormat, head_dim: int, num_kv_heads: int, block_size
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
     model_type = _types(fmt, model_dtype)[0]
     types = {"k_ptr": "fp32" if fmt.k.transform != "none" else model_type,
-             "v_ptr": "fp32" if fmt.v.transform != "none" else model_type,
-             "cache_ptr": "u8", "slot_mapping_ptr": "i64"}
+             "v_ptr": "fp32" if fmt.v.transform != "none" else model_type}
     return compile_kernel(store._store_kernel, store.store_constexprs(layout, num_kv_heads, block_size), types, arch)
 
 
