@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from vllm_lowrank import bundled
+from vllm_lowrank.config import is_layered
 from vllm_lowrank.shapes import SHAPES, make_basis, make_model
 from vllm_lowrank.side_by_side import Job, run_side_by_side, worker_command
 
@@ -72,12 +73,6 @@ def replace_args(args: Sequence[str], replace: dict[str, str]) -> list[str]:
             raise ValueError(f"{flag} is not in the command line {out}")
         out[out.index(flag) + 1] = value
     return out
-
-
-def is_layered(settings: dict) -> bool:
-    """Whether plugin settings make a layered cache (first/last tokens also kept exact). Its rings are per
-    request, so vLLM must run it with prefix caching off (:func:`vllm_lowrank.checks.check_layered`)."""
-    return bool(settings.get("exact_window") or settings.get("exact_sink"))
 
 
 PLANS = Path(bundled("smollm2-135m.plans.json"))

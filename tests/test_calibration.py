@@ -233,6 +233,49 @@ def test_plan_chooser_meets_budget_and_is_optimal():
         assert math.isclose(loss(plan), best, rel_tol=1e-12)
 
 
+def test_layered_plan_chooser_counts_the_ring_and_is_optimal():
+    """For a layered cache the plan must hold ``capacity`` times the sequences of L tokens, the ring's
+    blocks (set by the layer with the smallest slot) counted: checked against every plan by brute force
+    with the plugin's own capacity arithmetic (3 layers, a ring that small slots make costly)."""
+    from vllm_lowrank.config import LowRankConfig
+    from vllm_lowrank.formats import LayerFormat, TensorFormat
+    from vllm_lowrank.layered import capacity_ratio
+    from vllm_lowrank.sensitivity import choose_layered_plan, choose_plan
+
+    cands = ("int8", "hadamard+int4", "r32+int4", "r8+int4")
+    g = torch.Generator().manual_seed(torch.seed() % (2**31))
+    sens = {"candidates": list(cands), "kl": {}}
+    for i in range(3):
+        for t in ("k", "v"):
+            base = float(torch.rand(1, generator=g)) + 0.1
+            for f, scale in zip(cands, (0.01, 0.2, 2.0, 4.0)):
+                sens["kl"][f"{i}.{t}.{f}"] = scale * base * (float(torch.rand(1, generator=g)) + 0.5)
+    h, d, bs = 3, 64, 16
+    opts = ["model", *cands]
+
+    def loss(plan):
+        return sum(0 if f == "model" else sens["kl"][f"{i}.{t}.{f}"] for i, (kf, vf) in plan.items()
+                   for t, f in (("k", kf), ("v", vf)))
+
+    def capacity(plan, tokens, window, sink, dtype):
+        cfg = LowRankConfig({}, LayerFormat(TensorFormat.parse("int8"), TensorFormat.parse("int8")),
+                            {i: LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)) for i, (kf, vf) in plan.items()},
+                            exact_window=window, exact_sink=sink, exact_dtype=dtype)
+        return capacity_ratio(cfg, 3, d, torch.bfloat16, bs, tokens)
+
+    all_plans = [dict(enumerate(p)) for p in itertools.product(itertools.product(opts, opts), repeat=3)]
+    differs = False
+    for tokens, window, sink, dtype, ratio in ((1024, 32, 1, "int8", 4), (1024, 64, 1, "model", 3.5),
+                                              (8192, 32, 1, "int8", 6), (256, 16, 0, "int8", 3)):
+        plan = choose_layered_plan(sens, ratio, tokens, window, sink, 3, h, d, dtype, bs)
+        assert capacity(plan, tokens, window, sink, dtype) >= ratio * (1 - 1e-9)
+        best = min(loss(p) for p in all_plans if capacity(p, tokens, window, sink, dtype) >= ratio * (1 - 1e-9))
+        assert math.isclose(loss(plan), best, rel_tol=1e-12), (tokens, window, ratio, plan)
+        naive = choose_plan(sens, int(3 * h * 2 * d * 2 / ratio), 3, h, d)
+        differs |= capacity(naive, tokens, window, sink, dtype) < ratio
+    assert differs  # choosing by slot bytes alone misses the capacity in some case
+
+
 @pytest.mark.vllm
 def test_full_format_reproduces_uncompressed_perplexity(smollm2):
     """The plugin's lossless ``full`` format (prefill from cache) gives vLLM's own perplexity."""

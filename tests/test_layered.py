@@ -211,6 +211,25 @@ def test_a_block_too_small_for_one_exact_token_is_refused():
         ring_blocks(32, 1, [4, 0])
 
 
+def test_capacity_counts_the_ring_blocks():
+    """Capacity per sequence: a cache without a ring holds the slot ratio at every length; a ring's
+    blocks cost ring_blocks / (blocks + ring_blocks) of it, by direct count of whole pages."""
+    from vllm_lowrank.layered import capacity_ratio, ring_plan
+
+    shape, dt, bs = ModelShape(30, 3, 64), torch.bfloat16, 16
+    int8 = parse({"format": "int8"}, shape)
+    slot = SlotLayout.build(int8.layer_format(0), 64, dt).slot_bytes
+    for n in (1, 17, 1024, 8192):
+        assert capacity_ratio(int8, 30, 64, dt, bs, n) == pytest.approx(2 * 64 * 2 / slot)
+    ring = parse({"format": "int4", "exact_window": 32, "exact_sink": 1}, shape)
+    k = ring_plan(ring, 30, 64, dt, bs)[0]
+    int4 = 2 * 64 * 2 / SlotLayout.build(ring.layer_format(0), 64, dt).slot_bytes
+    for n in (1000, 1024, 8192):
+        blocks = -(-n // bs)
+        assert capacity_ratio(ring, 30, 64, dt, bs, n) == pytest.approx(int4 * blocks / (blocks + k))
+    assert k > 0 and capacity_ratio(ring, 30, 64, dt, bs, 1024) < capacity_ratio(ring, 30, 64, dt, bs, 8192) < int4
+
+
 def test_new_token_slots_mark_cuda_graph_padding():
     """A CUDA-graph step pads the batch: tokens past the last request's (garbage positions, possibly past
     the block table) and padded requests of length 0 get slot -1 and request -1, with no out-of-bounds

@@ -135,3 +135,24 @@ def test_recent_window_attention_against_float64(window, prefix):
                                                              is_causal=True, scale=0.25).transpose(1, 2)
     assert torch.allclose(_recent_window_attention(q, kc, vc, k, v, t, 0.25), exact, atol=1e-5, rtol=0)
     assert not torch.allclose(got, exact, atol=1e-3, rtol=0) or window >= t
+
+
+def test_simulator_reads_a_layered_cache(smollm2):
+    """The simulator's ``exact_window``/``exact_sink`` (the plugin's settings, used by sensitivity sweeps
+    for layered caches): a window covering every position removes the loss of a lossy plan, a short one
+    with the first token removes part of it."""
+    from vllm_lowrank.simulate import Simulator
+
+    sim = Simulator(smollm2)
+    g = torch.Generator().manual_seed(torch.seed() % (2**31))
+    t = 40
+    sim.prepare([torch.randint(100, 20000, (t,), generator=g).tolist()])
+    sim.set_plan({i: ("hadamard+int4", "hadamard+int4") for i in range(sim.num_layers)})
+    lossy = sim.run(0)["kl"]
+    sim.exact_window, sim.exact_sink = 8, 1
+    partial = sim.run(0)["kl"]
+    sim.exact_window, sim.exact_sink = t, 0
+    exact = sim.run(0)["kl"]
+    assert lossy > 1e-3
+    assert exact < 1e-4 * lossy, (exact, lossy)
+    assert 10 * exact < partial < lossy, (exact, partial, lossy)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from vllm_lowrank import calibration as cal
 from vllm_lowrank import reference
 from vllm_lowrank.basis import BasisFile, BasisFileError, orthonormal_basis_file
-from vllm_lowrank.config import LowRankConfigError, ModelShape, parse
+from vllm_lowrank.config import LowRankConfigError, ModelShape, is_layered, parse
 from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, cache_shape
 from vllm_lowrank.quantsim import VariantCodec, smoothing_scales
 from vllm_lowrank.simulate import make_codec
@@ -357,6 +357,35 @@ def test_plans_record_their_sweeps_settings(tmp_path):
     plan = json.loads(out.read_text())["plans"]["2.5x"]
     assert plan["settings"] == {"smooth_keys": True}
     assert set(plan["layers"]["29"].values()) == {"int8"}  # the costliest layer keeps the cheaper loss
+
+
+def test_plans_chosen_inside_a_layered_cache_carry_it(tmp_path):
+    """A sweep measured with the last W and first S positions exact gives plans that turn that layered
+    cache on in the plugin; merging it into a plan without them is refused."""
+    import json
+
+    from vllm_lowrank import sensitivity
+
+    cands = ["int8", "hadamard+int4"]
+    sweep = {"reference": {"nll": 3.0, "kl": 0.0, "tokens": 10}, "candidates": cands,
+             "kl": {f"{i}.{t}.{f}": (0.01 if f == "int8" else 0.1) for i in range(30) for t in "kv" for f in cands},
+             "meta": {"settings": {"exact_window": 32, "exact_sink": 1}}}
+    sweep["dnll"] = dict(sweep["kl"])
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps(sweep))
+    out = tmp_path / "m.plans.json"
+    common = ["--from-sweep", str(f), "--basis", str(BASIS), "--model", str(tmp_path), "--candidates", *cands,
+              "--ratios", "3", "--out", str(out)]
+    with pytest.raises(SystemExit, match="exact_window"):
+        sensitivity.main([*common, "--exact-window", "32"])
+    assert not out.exists()
+    assert sensitivity.main([*common, "--exact-window", "32", "--exact-sink", "1"]) == 0
+    plan = json.loads(out.read_text())["plans"]["3x"]
+    assert plan["settings"] == {"exact_window": 32, "exact_sink": 1}
+    cfg = parse({"plan": f"{out}:3x"}, SMOL)
+    assert cfg.layered and cfg.exact_window == 32 and cfg.exact_sink == 1
+    assert is_layered({"plan": f"{out}:3x"}) and not is_layered({"plan": f"{out}:3x", "exact_window": 0,
+                                                                   "exact_sink": 0})
 
 
 def test_plan_that_asks_for_smoothing_brings_its_basis_file(tmp_path):

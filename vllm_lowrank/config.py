@@ -257,6 +257,16 @@ def parse(raw: dict[str, Any] | None, shape: ModelShape) -> LowRankConfig:
     return cfg
 
 
+def is_layered(raw: dict[str, Any] | None) -> bool:
+    """Whether these settings, a plan's own settings included, make a layered cache (its rings are per
+    request, so vLLM must run it with prefix caching off: :func:`vllm_lowrank.checks.check_layered`)."""
+    if not raw:
+        return False
+    if raw.get("plan") is not None:
+        raw = {**expand_plan(str(raw["plan"]), raw.get("offset")), **raw}
+    return bool(raw.get("exact_window") or raw.get("exact_sink"))
+
+
 def expand_plan(ref: str, offset: bool | None = None) -> dict[str, Any]:
     """The settings of plan ``<plans file>:<name>``: its ``layers``, its ``settings`` and its basis file.
 

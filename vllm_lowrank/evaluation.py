@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .config import is_layered
 from .engine import kv_cache_tokens, model_shape, vllm_llm
 
 
@@ -126,8 +127,8 @@ def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dt
             kwargs["kv_cache_dtype"] = spec.kv_cache_dtype
     else:
         backend = "lowrank"
-        if spec.settings.get("exact_window") or spec.settings.get("exact_sink"):
-            kwargs.setdefault("enable_prefix_caching", False)  # a layered cache needs it off
+        if is_layered(spec.settings):
+            kwargs.setdefault("enable_prefix_caching", False)
     nll, count = 0.0, 0
     top1: list[list[int]] = []
     with vllm_llm(model, spec.settings, dtype=dtype, max_model_len=max_len,
@@ -155,7 +156,7 @@ def run_format(model: str | Path, spec: FormatSpec, windows: list[list[int]], dt
 def ring_tokens(model: str | Path, spec: FormatSpec, block_size: int = 16) -> int:
     """Token slots of a layered cache's ring blocks per sequence (0 without one). vLLM counts them in its
     KV cache size, so the capacity column takes them off, for sequences of the windows' length."""
-    if spec.settings is None or not (spec.settings.get("exact_window") or spec.settings.get("exact_sink")):
+    if not is_layered(spec.settings):
         return 0
     from .config import ModelShape, parse
     from .layered import ring_plan

@@ -54,8 +54,9 @@ def sweep(sim, candidates: tuple[str, ...] = CANDIDATES, progress: bool = True,
 
 def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
                 candidates: tuple[str, ...] | None = None, metric: str = "kl",
-                model_dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[str, str]]:
-    """Minimise the summed measured loss subject to sum_layers H * slot_bytes <= budget_bytes (exact DP)."""
+                model_dtype: torch.dtype = torch.bfloat16, min_slot_bytes: int = 0) -> dict[int, tuple[str, str]]:
+    """Minimise the summed measured loss subject to sum_layers H * slot_bytes <= budget_bytes (exact DP),
+    every layer's slot at least ``min_slot_bytes``."""
     cands = ["model", *(candidates or sens["candidates"])]
     loss = sens[metric]
 
@@ -68,7 +69,8 @@ def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     choice: list[np.ndarray] = []
-    pairs = [(kf, vf, slot_bytes(kf, vf, head_dim, model_dtype) // unit) for kf in cands for vf in cands]
+    pairs = [(kf, vf, slot_bytes(kf, vf, head_dim, model_dtype) // unit) for kf in cands for vf in cands
+             if slot_bytes(kf, vf, head_dim, model_dtype) >= min_slot_bytes]
     for i in range(num_layers):
         nb = np.full(cap + 1, inf)
         arg = np.full(cap + 1, -1, dtype=np.int64)
@@ -93,6 +95,43 @@ def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv
         plan[i] = (kf, vf)
         b -= w
     return dict(sorted(plan.items()))
+
+
+def choose_layered_plan(sens: dict[str, Any], capacity: float, context: int, window: int, sink: int,
+                        num_layers: int, num_kv_heads: int, head_dim: int, exact_dtype: str = "model",
+                        block_size: int = 16, candidates: tuple[str, ...] | None = None, metric: str = "kl",
+                        model_dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[str, str]]:
+    """The least-loss plan whose layered cache (last ``window`` and first ``sink`` tokens also exact, in ring
+    blocks) holds ``capacity`` times as many sequences of ``context`` tokens as the model dtype does.
+
+    The ring's blocks are set by the layer with the smallest slot (one block table for all layers,
+    :func:`vllm_lowrank.layered.ring_plan`), so a plan cannot be chosen by slot bytes alone: for each
+    possible ring size ``k`` (blocks), the layers are kept to slots whose page holds enough exact
+    tokens for ``k`` blocks, and the budget is what is left after ``k`` ring pages; the best over ``k``."""
+    from .formats import ring_layout, ring_tokens_per_block
+    from .layered import ring_blocks
+
+    ring = ring_layout(head_dim, model_dtype, exact_dtype).slot_bytes
+    blocks = -(-context // block_size)
+    full = num_layers * num_kv_heads * 2 * head_dim * model_dtype.itemsize
+    best, best_loss = None, float("inf")
+    for k in sorted({ring_blocks(window, sink, [t]) for t in range(1, window + sink + 1)}):
+        per_block = -(-(window + sink) // k)  # the fewest exact tokens a page must hold for k blocks
+        min_slot = -(-per_block * ring // block_size)
+        budget = int(full * blocks / (capacity * (blocks + k)))
+        try:
+            plan = choose_plan(sens, budget, num_layers, num_kv_heads, head_dim, candidates, metric, model_dtype,
+                               min_slot)
+        except ValueError:
+            continue
+        assert min(ring_tokens_per_block(block_size, slot_bytes(kf, vf, head_dim, model_dtype), ring_layout(
+            head_dim, model_dtype, exact_dtype)) for kf, vf in plan.values()) >= per_block
+        loss = predicted_loss(sens, plan, metric)
+        if loss < best_loss:
+            best, best_loss = plan, loss
+    if best is None:
+        raise ValueError(f"no plan holds {capacity}x the sequences of {context} tokens")
+    return best
 
 
 def plan_bytes(plan: dict[int, tuple[str, str]], num_kv_heads: int, head_dim: int,
@@ -145,18 +184,27 @@ def load_plans(path: str | Path) -> dict[str, Any]:
 # command line: python -m vllm_lowrank.sensitivity --help
 
 
-def sweep_settings(offset: bool | None, smooth_keys: bool) -> dict[str, bool]:
-    """The plugin settings a sweep is measured with, as its plans record them (defaults left out)."""
-    out: dict[str, bool] = {}
+def sweep_settings(offset: bool | None, smooth_keys: bool, exact_window: int = 0,
+                   exact_sink: int = 0) -> dict[str, bool | int]:
+    """The plugin settings a sweep is measured with, as its plans record them (defaults left out).
+
+    With ``exact_window``/``exact_sink`` the sweep measures each tensor's cost inside a layered cache
+    (the last W and first S positions read exact), so its plans are chosen for, and carry, that cache."""
+    out: dict[str, bool | int] = {}
     if offset is not None:
         out["offset"] = offset
     if smooth_keys:
         out["smooth_keys"] = True
+    if exact_window:
+        out["exact_window"] = exact_window
+    if exact_sink:
+        out["exact_sink"] = exact_sink
     return out
 
 
-def _sim_settings(settings: dict[str, bool]) -> dict[str, Any]:
-    return {"use_offsets": settings.get("offset"), "smooth_keys": settings.get("smooth_keys", False)}
+def _sim_settings(settings: dict[str, bool | int]) -> dict[str, Any]:
+    return {"use_offsets": settings.get("offset"), "smooth_keys": settings.get("smooth_keys", False),
+            "exact_window": settings.get("exact_window", 0), "exact_sink": settings.get("exact_sink", 0)}
 
 
 def _ratio_key(r: float) -> str:
@@ -197,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="the plugin's 'offset' setting to measure with (auto: offsets when the basis file has them)")
     p.add_argument("--smooth-keys", action="store_true",
                    help="measure with the plugin's 'smooth_keys' setting on (the basis file's key scales)")
+    p.add_argument("--exact-window", type=int, default=0, metavar="W",
+                   help="measure inside a layered cache whose last W positions are read exact (the plugin's "
+                        "'exact_window'); the plans then carry that setting")
+    p.add_argument("--exact-sink", type=int, default=0, metavar="S",
+                   help="... and whose first S positions are read exact (the plugin's 'exact_sink')")
+    p.add_argument("--capacity-at", type=int, default=0, metavar="TOKENS",
+                   help="with --exact-window/--exact-sink: the ratios are capacities for sequences of this many "
+                        "tokens, the ring's blocks counted (otherwise: compressed slot bytes only)")
+    p.add_argument("--exact-dtype", choices=("model", "int8"), default="model",
+                   help="the ring's storage the capacity counts (the plugin's 'exact_dtype'; the sweep reads the "
+                        "exact tokens unrounded either way); recorded in the plans")
     p.add_argument("--verify", action="store_true", help="simulate each chosen plan in full")
     p.add_argument("--out", default=str(repo / "bases" / "smollm2-135m.plans.json"), help="plans file to write")
     p.add_argument("--rank-bases", nargs="*", default=[], metavar="R=PATH",
@@ -218,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = Path(args.model)
     basis = BasisFile.load(args.basis)
-    settings = sweep_settings(None if args.offset == "auto" else args.offset == "true", args.smooth_keys)
+    settings = sweep_settings(None if args.offset == "auto" else args.offset == "true", args.smooth_keys,
+                              args.exact_window, args.exact_sink)
     sim = None
     if args.from_sweep is not None:
         files = args.from_sweep or [args.sweep]
@@ -227,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             found = other.get("meta", {}).get("settings", {})
             if found != settings:
                 raise SystemExit(f"choose_plan: {f} was measured with settings {found or '(defaults)'}, but this run "
-                                 f"asks for {settings or '(defaults)'}: pass the same --offset/--smooth-keys")
+                                 f"asks for {settings or '(defaults)'}: pass the same --offset/--smooth-keys/--exact-window/"
+                                 f"--exact-sink")
         sens = sweeps[0]
         for other in sweeps[1:]:
             sens["kl"].update(other["kl"])
@@ -257,15 +318,35 @@ def main(argv: list[str] | None = None) -> int:
     n, h, d = basis.num_layers, basis.num_kv_heads, basis.head_dim
     full = n * h * 2 * d * 2
     plans: dict[str, Any] = {}
+    layered = args.capacity_at and (args.exact_window or args.exact_sink)
+    if args.capacity_at and not layered:
+        raise SystemExit("choose_plan: --capacity-at counts a layered cache's ring: set --exact-window/--exact-sink")
     for r in args.ratios:
         budget = int(full / r)
-        plan = choose_plan(sens, budget, n, h, d, tuple(args.candidates), args.metric)
+        if layered:
+            plan = choose_layered_plan(sens, r, args.capacity_at, args.exact_window, args.exact_sink, n, h, d,
+                                       args.exact_dtype, candidates=tuple(args.candidates), metric=args.metric)
+        else:
+            plan = choose_plan(sens, budget, n, h, d, tuple(args.candidates), args.metric)
         used = plan_bytes(plan, h, d)
         entry = {"ratio": round(full / used, 3), "bytes_per_token": used, "budget": budget,
                  "predicted_kl": round(predicted_loss(sens, plan, "kl"), 6),
                  "predicted_dnll": round(predicted_loss(sens, plan, "dnll"), 6), "layers": plan_layers(plan)}
-        if settings:
-            entry["settings"] = dict(settings)
+        if settings or args.exact_dtype != "model":
+            entry["settings"] = {**settings, **({"exact_dtype": args.exact_dtype} if args.exact_dtype != "model"
+                                                else {})}
+        if layered:
+            from .config import LowRankConfig
+            from .layered import capacity_ratio
+
+            cfg = LowRankConfig({}, LayerFormat(TensorFormat.parse("int8"), TensorFormat.parse("int8")),
+                                {i: LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf))
+                                 for i, (kf, vf) in plan.items()},
+                                exact_window=args.exact_window, exact_sink=args.exact_sink,
+                                exact_dtype=args.exact_dtype)
+            entry["capacity"] = {str(t): round(capacity_ratio(cfg, n, d, torch.bfloat16, 16, t), 3)
+                                 for t in (1024, 8192, 32768)}
+            del entry["budget"]
         plan_basis = basis
         if args.rank_bases:
             rank_files = {int(x.split("=")[0]): BasisFile.load(x.split("=", 1)[1]) for x in args.rank_bases}
@@ -290,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         plans[_ratio_key(r)] = entry
         ks = [kv[0] for kv in plan.values()]
         vs = [kv[1] for kv in plan.values()]
-        print(f"{_ratio_key(r)}: {used} B/token ({full / used:.2f}x), predicted KL {entry['predicted_kl']:.5f}"
+        print(f"{_ratio_key(r)}: {used} B/token ({full / used:.2f}x"
+              + (f"; capacity {', '.join(f'{v:.2f}x at {t}' for t, v in entry['capacity'].items())}" if layered else "")
+              + f"), predicted KL {entry['predicted_kl']:.5f}"
               + (f", simulated KL {entry['simulated_kl']:.5f} dNLL {entry['simulated_dnll']:+.5f}" if args.verify else ""))
         print("   K:", " ".join(ks))
         print("   V:", " ".join(vs))

@@ -155,11 +155,14 @@ class Simulator:
     """Runs windows through the HF model with a chosen compression per layer."""
 
     def __init__(self, model_path: str | Path, basis: BasisFile | None = None, dtype: torch.dtype = torch.float32,
-                 use_offsets: bool | None = None, smooth_keys: bool = False):
-        """``use_offsets`` and ``smooth_keys``: the plugin's ``offset`` and ``smooth_keys`` settings
-        (``use_offsets=None``: the plugin's default, offsets whenever the basis file has them)."""
+                 use_offsets: bool | None = None, smooth_keys: bool = False, exact_window: int = 0,
+                 exact_sink: int = 0):
+        """``use_offsets``, ``smooth_keys``, ``exact_window`` and ``exact_sink``: the plugin's settings of
+        those names (``use_offsets=None``: the plugin's default, offsets whenever the basis file has them;
+        the exact tokens of a layered cache are read in float32, as a model-dtype ring holds them)."""
         self.model = load_model(model_path, dtype)
         self.use_offsets, self.smooth_keys = use_offsets, smooth_keys
+        self.exact_window, self.exact_sink = exact_window, exact_sink
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -205,6 +208,7 @@ class Simulator:
         m = self.model.model
         nll = kl = 0.0
         n = 0
+        _STATE.recent_window, _STATE.exact_prefix = self.exact_window, self.exact_sink
         for c in self._cache:
             h = c["inputs"][start_layer]
             for layer in m.layers[start_layer:]:

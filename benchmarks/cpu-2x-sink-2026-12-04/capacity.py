@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from vllm_lowrank.config import ModelShape, expand_plan, parse
-from vllm_lowrank.formats import SlotLayout
-from vllm_lowrank.layered import ring_plan
+from vllm_lowrank.layered import capacity_ratio, ring_plan
 
 PLANS = Path(__file__).resolve().parents[2] / "bases" / "smollm2-135m.plans.json"
 SHAPE, BS, DT = ModelShape(30, 3, 64), 16, torch.bfloat16
@@ -22,17 +21,14 @@ SHAPE, BS, DT = ModelShape(30, 3, 64), 16, torch.bfloat16
 def main() -> None:
     print("| format | W | S | ring | ring blocks | 1k | 8k | 32k |")
     print("|---|---|---|---|---|---|---|---|")
-    bf16 = SHAPE.num_layers * 2 * SHAPE.head_dim * DT.itemsize
     for name, settings, rings in (("int8", {"format": "int8"}, [(0, 0, "model")]),
                                   ("plan:2x", expand_plan(f"{PLANS}:2x"),
                                    [(0, 0, "model"), (0, 1, "model"), (16, 1, "model"), (16, 1, "int8")])):
         for w, sink, exact in rings:
             ring = {"exact_window": w, "exact_sink": sink, "exact_dtype": exact} if w + sink else {}
             cfg = parse({**settings, **ring}, SHAPE)
-            slots = sum(SlotLayout.build(cfg.layer_format(i), SHAPE.head_dim, DT).slot_bytes
-                        for i in range(SHAPE.num_layers))
             k = ring_plan(cfg, SHAPE.num_layers, SHAPE.head_dim, DT, BS)[0] if w + sink else 0
-            ratios = [bf16 * n / (n * slots + k * BS * slots) for n in (1024, 8192, 32768)]
+            ratios = [capacity_ratio(cfg, SHAPE.num_layers, SHAPE.head_dim, DT, BS, n) for n in (1024, 8192, 32768)]
             print(f"| {name} | {w} | {sink} | {exact if w + sink else '-'} | {k} | "
                   + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 

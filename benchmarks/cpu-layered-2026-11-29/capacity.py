@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from vllm_lowrank.config import ModelShape, expand_plan, parse
-from vllm_lowrank.formats import SlotLayout
-from vllm_lowrank.layered import ring_plan
+from vllm_lowrank.layered import capacity_ratio, ring_plan
 
 PLANS = Path(__file__).resolve().parents[2] / "bases" / "smollm2-135m.plans.json"
 SHAPE, BS, DT = ModelShape(30, 3, 64), 16, torch.bfloat16
@@ -29,11 +28,8 @@ def main() -> None:
         for exact in ("model", "int8"):
             for w, sink in ((8, 1), (32, 1), (64, 1)):
                 cfg = parse({**settings, "exact_window": w, "exact_sink": sink, "exact_dtype": exact}, SHAPE)
-                slots = sum(SlotLayout.build(cfg.layer_format(i), SHAPE.head_dim, DT).slot_bytes
-                            for i in range(SHAPE.num_layers))
                 k, _ = ring_plan(cfg, SHAPE.num_layers, SHAPE.head_dim, DT, BS)
-                bf16 = SHAPE.num_layers * 2 * SHAPE.head_dim * DT.itemsize
-                ratios = [bf16 * n / (n * slots + k * BS * slots) for n in (1024, 8192, 32768)]
+                ratios = [capacity_ratio(cfg, SHAPE.num_layers, SHAPE.head_dim, DT, BS, n) for n in (1024, 8192, 32768)]
                 print(f"| {name} | {w} | {sink} | {exact} | {k} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 
 

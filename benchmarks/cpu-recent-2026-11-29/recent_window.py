@@ -67,10 +67,9 @@ def main() -> None:
             offsets = None
         sim.basis, sim.use_offsets, sim.smooth_keys = basis, offsets, smooth
         sim.set_plan(plan)
-        simulate._STATE.recent_window, simulate._STATE.exact_prefix = w, sink
+        sim.exact_window, sim.exact_sink = w, sink
         t0 = time.time()
         r = sim.run(0)
-        simulate._STATE.recent_window = simulate._STATE.exact_prefix = 0
         per_head = plan_bytes(plan, h, d) / (n * h)
         exact_tokens = min(w + sink, args.window)
         at_len = (exact_tokens * full + (args.window - exact_tokens) * per_head) / args.window
