@@ -544,23 +544,3 @@ def rank_optimized_bases(stats: Statistics, rank: int, o_projs: list[torch.Tenso
     return Bases(kb, vb, ke, ve, stats.mean("k"), stats.mean("v"), kc, vc, ks, kr)
 
 
-def save_compact(bf: BasisFile, path: str | Path) -> None:
-    """Save a basis file with its basis columns in float16 (half the size; ``BasisFile.load`` reads them back
-    as float32). Eigenvalues and offsets stay float32. The rounding (about 5e-4 relative) is far below the
-    bf16 rounding of the cache itself."""
-    from safetensors.torch import save_file
-
-    from .basis import META_KEY
-
-    tensors: dict[str, torch.Tensor] = {}
-    for t in ("k", "v"):
-        for i in range(bf.num_layers):
-            tensors[f"{t}.basis.{i}"] = bf.bases[t][i].to(torch.float16).contiguous()
-            tensors[f"{t}.eigenvalues.{i}"] = bf.eigenvalues[t][i].float().contiguous()
-            off = bf.offsets.get(t, [None] * bf.num_layers)[i]
-            if off is not None:
-                tensors[f"{t}.offset.{i}"] = off.float().contiguous()
-    tensors.update(bf.smooth_tensors())  # float32, like the offsets
-    meta = bf.metadata()
-    meta["basis_dtype"] = "float16"
-    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})

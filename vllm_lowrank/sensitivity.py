@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                         "its own basis file (--plan-basis-prefix), composed of the columns its r<N> formats use")
     p.add_argument("--plan-basis-prefix", default="bases/smollm2-135m-",
                    help="per-plan basis files: PREFIX<plan>.safetensors (relative to the repository)")
+    p.add_argument("--compact-plan-bases", action="store_true",
+                   help="per-plan basis files small enough to commit: float16 columns, and no key smoothing "
+                        "scales unless the plan smooths keys")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -353,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             plan_basis = compose_plan_basis(plan_layers(plan), rank_files, basis)
             plan_basis.extra["plan"] = _ratio_key(r)
             rel = f"{args.plan_basis_prefix}{_ratio_key(r)}.safetensors"
-            plan_basis.save(repo / rel)
+            if args.compact_plan_bases and not settings.get("smooth_keys"):
+                plan_basis.smooth = plan_basis.smooth_raw = None
+            plan_basis.save(repo / rel, torch.float16 if args.compact_plan_bases else torch.float32)
+            plan_basis = BasisFile.load(repo / rel)  # verified as stored
             entry["basis"] = rel
         if args.verify:
             if sim is None:

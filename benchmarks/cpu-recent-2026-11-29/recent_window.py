@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--out", default=None)
+    p.add_argument("--plans", default=str(PLANS), help="the plans file that plan:NAME variants come from")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = smollm2()
@@ -57,7 +58,7 @@ def main() -> None:
         smooth = fmt.endswith("+s")
         fmt = fmt.removesuffix("+s")
         if fmt.startswith("plan:"):
-            settings = expand_plan(f"{PLANS}:{fmt[5:]}")
+            settings = expand_plan(f"{args.plans}:{fmt[5:]}")
             plan = parse_plan(settings["layers"])
             basis = BasisFile.load(settings["basis"]) if "basis" in settings else None
             offsets = settings.get("offset")
