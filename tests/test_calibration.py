@@ -17,6 +17,7 @@ from vllm_lowrank.config import LowRankConfigError, ModelShape, parse
 REPO = Path(__file__).resolve().parent.parent
 BASIS = REPO / "bases" / "smollm2-135m.safetensors"
 PLANS = REPO / "bases" / "smollm2-135m.plans.json"
+RING_PLANS = REPO / "bases" / "smollm2-135m.ring.plans.json"
 
 
 def _subspace(d: int, r: int, g: torch.Generator) -> torch.Tensor:
@@ -189,7 +190,8 @@ def test_committed_basis_fits_smollm2_and_plans_parse():
     from vllm_lowrank.sensitivity import load_plans, parse_plan, plan_bytes
 
     checked = 0
-    for name, p in load_plans(PLANS)["plans"].items():
+    plans = [(name, p) for f in (PLANS, RING_PLANS) for name, p in load_plans(f)["plans"].items()]
+    for name, p in plans:
         path = REPO / p.get("basis", str(BASIS))
         if not path.is_file():  # plans that need the full (uncommitted) basis
             assert "out/" in p["basis"], name
@@ -199,8 +201,9 @@ def test_committed_basis_fits_smollm2_and_plans_parse():
         assert len(cfg.overrides) == 30, name
         assert plan_bytes(parse_plan(p["layers"]), 3, 64) == p["bytes_per_token"], name
         checked += 1
-    assert checked >= 4
-    assert sum(f.stat().st_size for f in (REPO / "bases").glob("*.safetensors")) < 700_000
+    assert checked >= 5
+    # the default basis, the 4x plan's and the layered 4x plan's (float16 columns): a few hundred KB each
+    assert sum(f.stat().st_size for f in (REPO / "bases").glob("*.safetensors")) < 1_000_000
 
 
 def test_plan_chooser_meets_budget_and_is_optimal():
@@ -237,10 +240,8 @@ def test_layered_plan_chooser_counts_the_ring_and_is_optimal():
     """For a layered cache the plan must hold ``capacity`` times the sequences of L tokens, the ring's
     blocks (set by the layer with the smallest slot) counted: checked against every plan by brute force
     with the plugin's own capacity arithmetic (3 layers, a ring that small slots make costly)."""
-    from vllm_lowrank.config import LowRankConfig
-    from vllm_lowrank.formats import LayerFormat, TensorFormat
     from vllm_lowrank.layered import capacity_ratio
-    from vllm_lowrank.sensitivity import choose_layered_plan, choose_plan
+    from vllm_lowrank.sensitivity import choose_layered_plan, choose_plan, plan_config
 
     cands = ("int8", "hadamard+int4", "r32+int4", "r8+int4")
     g = torch.Generator().manual_seed(torch.seed() % (2**31))
@@ -258,9 +259,7 @@ def test_layered_plan_chooser_counts_the_ring_and_is_optimal():
                    for t, f in (("k", kf), ("v", vf)))
 
     def capacity(plan, tokens, window, sink, dtype):
-        cfg = LowRankConfig({}, LayerFormat(TensorFormat.parse("int8"), TensorFormat.parse("int8")),
-                            {i: LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)) for i, (kf, vf) in plan.items()},
-                            exact_window=window, exact_sink=sink, exact_dtype=dtype)
+        cfg = plan_config(plan, exact_window=window, exact_sink=sink, exact_dtype=dtype)
         return capacity_ratio(cfg, 3, d, torch.bfloat16, bs, tokens)
 
     all_plans = [dict(enumerate(p)) for p in itertools.product(itertools.product(opts, opts), repeat=3)]

@@ -159,6 +159,17 @@ def plan_settings(plan: dict[int, tuple[str, str]], basis: str | None, **extra: 
     return s
 
 
+def plan_config(plan: dict[int, tuple[str, str]], **ring: Any):
+    """A plan's formats as a :class:`~vllm_lowrank.config.LowRankConfig`, with the layered-cache settings
+    ``ring`` (``exact_window``, ``exact_sink``, ``exact_dtype``) and no basis file: for the block
+    arithmetic (:func:`vllm_lowrank.layered.capacity_ratio`), which needs no bases."""
+    from .config import LowRankConfig
+
+    return LowRankConfig({}, LayerFormat(TensorFormat.parse("int8"), TensorFormat.parse("int8")),
+                         {i: LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf)) for i, (kf, vf) in plan.items()},
+                         **ring)
+
+
 def parse_plan(layers: dict[str, Any]) -> dict[int, tuple[str, str]]:
     return {int(i): (str(v["k"]), str(v["v"])) for i, v in layers.items()}
 
@@ -339,14 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["settings"] = {**settings, **({"exact_dtype": args.exact_dtype} if args.exact_dtype != "model"
                                                 else {})}
         if layered:
-            from .config import LowRankConfig
             from .layered import capacity_ratio
 
-            cfg = LowRankConfig({}, LayerFormat(TensorFormat.parse("int8"), TensorFormat.parse("int8")),
-                                {i: LayerFormat(TensorFormat.parse(kf), TensorFormat.parse(vf))
-                                 for i, (kf, vf) in plan.items()},
-                                exact_window=args.exact_window, exact_sink=args.exact_sink,
-                                exact_dtype=args.exact_dtype)
+            cfg = plan_config(plan, exact_window=args.exact_window, exact_sink=args.exact_sink,
+                              exact_dtype=args.exact_dtype)
             entry["capacity"] = {str(t): round(capacity_ratio(cfg, n, d, torch.bfloat16, 16, t), 3)
                                  for t in (1024, 8192, 32768)}
             del entry["budget"]
