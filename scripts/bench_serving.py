@@ -76,6 +76,7 @@ def replace_args(args: Sequence[str], replace: dict[str, str]) -> list[str]:
 
 
 PLANS = Path(bundled("smollm2-135m.plans.json"))
+RING_PLANS = Path(bundled("smollm2-135m.ring.plans.json"))
 
 
 def plan_for_shape(plan: str, num_layers: int, head_dim: int, plans_file: Path = PLANS) -> dict:
@@ -111,6 +112,9 @@ def plugin_variants(shape: str, basis: Path) -> dict[str, dict]:
                            "exact_sink": 1},
         "lr:plan-4x-w64-int8": {"format": "int8", "layers": plan_for_shape("4x", num_layers, d), "exact_window": 64,
                                 "exact_sink": 1, "exact_dtype": "int8"},
+        # the layered 4x plan chosen inside its ring (+0.93% at 4.00x capacity for 8k-token sequences)
+        "lr:ring-4x": {"format": "int8", "layers": plan_for_shape("4x", num_layers, d, RING_PLANS), "exact_window": 64,
+                       "exact_sink": 1, "exact_dtype": "int8"},
     }
     return {name: {**v, "basis": str(basis)} if v["format"].startswith("lowrank") or "layers" in v else v
             for name, v in variants.items()}
@@ -233,7 +237,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset (vLLM: auto,fp8,int8_per_token_head,int4_per_token_head; "
                          "plugin: lr:int8,lr:fp8,lr:int4,lr:lowrank-2x,lr:lowrank+int8-4x,lr:lowrank+int8-8x,lr:plan-2.75x, "
-                         "layered: lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8; "
+                         "layered: lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8,lr:ring-4x; "
                          "the ceiling: auto-ample)")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
                     help="KV cache of the throughput runs (memory pressure); default 1 GiB")

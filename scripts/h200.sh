@@ -92,7 +92,7 @@ case $step in
     grep -A 8 "^smollm2" "$OUT/ppl-layered.log" ;;
   throughput-layered)
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 7 --out "$OUT" --work /tmp/bs-1b-l \
-      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:plan-4x-w64,lr:plan-4x-w64-int8 2>&1 \
+      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:plan-4x-w64-int8,lr:ring-4x 2>&1 \
       | grep -v "it/s\]" | tail -12 ;;
   profile-layered)
     # `timeout` leaves the device call time to print what finished (each variant is printed when done)
