@@ -332,6 +332,20 @@ def test_simulation_plan_codecs_follow_the_settings(gen):
     assert plan_codecs(plan, bf, d, h, None, True)[1][0].tr.smooth is None  # the model's own K: nothing to smooth
 
 
+def _sweep_file(tmp_path: Path, cands: list[str], kl, settings: dict) -> Path:
+    """A sensitivity sweep file for SmolLM2's 30 layers: KL ``kl(layer, format)`` for K and V alike,
+    measured (its meta says) with the plugin settings ``settings``."""
+    import json
+
+    sweep = {"reference": {"nll": 3.0, "kl": 0.0, "tokens": 10}, "candidates": cands,
+             "kl": {f"{i}.{t}.{f}": kl(i, f) for i in range(30) for t in "kv" for f in cands},
+             "meta": {"settings": settings}}
+    sweep["dnll"] = dict(sweep["kl"])
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps(sweep))
+    return f
+
+
 def test_plans_record_their_sweeps_settings(tmp_path):
     """Plans chosen from a sweep measured with smoothing say so (the plugin then runs them that way), and
     sweeps measured under other settings are refused rather than merged."""
@@ -340,13 +354,7 @@ def test_plans_record_their_sweeps_settings(tmp_path):
     from vllm_lowrank import sensitivity
 
     cands = ["int8", "hadamard+int4"]
-    sweep = {"reference": {"nll": 3.0, "kl": 0.0, "tokens": 10}, "candidates": cands,
-             "kl": {f"{i}.{t}.{f}": (0.01 if f == "int8" else 0.1) * (i + 1) for i in range(30) for t in "kv"
-                    for f in cands},
-             "meta": {"settings": {"smooth_keys": True}}}
-    sweep["dnll"] = dict(sweep["kl"])
-    f = tmp_path / "sweep.json"
-    f.write_text(json.dumps(sweep))
+    f = _sweep_file(tmp_path, cands, lambda i, f: (0.01 if f == "int8" else 0.1) * (i + 1), {"smooth_keys": True})
     out = tmp_path / "plans.json"
     common = ["--from-sweep", str(f), "--basis", str(BASIS), "--model", str(tmp_path), "--candidates", *cands,
               "--ratios", "2.5", "--out", str(out)]
@@ -367,12 +375,7 @@ def test_plans_chosen_inside_a_layered_cache_carry_it(tmp_path):
     from vllm_lowrank import sensitivity
 
     cands = ["int8", "hadamard+int4"]
-    sweep = {"reference": {"nll": 3.0, "kl": 0.0, "tokens": 10}, "candidates": cands,
-             "kl": {f"{i}.{t}.{f}": (0.01 if f == "int8" else 0.1) for i in range(30) for t in "kv" for f in cands},
-             "meta": {"settings": {"exact_window": 32, "exact_sink": 1}}}
-    sweep["dnll"] = dict(sweep["kl"])
-    f = tmp_path / "sweep.json"
-    f.write_text(json.dumps(sweep))
+    f = _sweep_file(tmp_path, cands, lambda i, f: 0.01 if f == "int8" else 0.1, {"exact_window": 32, "exact_sink": 1})
     out = tmp_path / "m.plans.json"
     common = ["--from-sweep", str(f), "--basis", str(BASIS), "--model", str(tmp_path), "--candidates", *cands,
               "--ratios", "3", "--out", str(out)]

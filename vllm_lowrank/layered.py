@@ -64,12 +64,10 @@ def capacity_ratio(cfg, num_layers: int, head_dim: int, model_dtype: torch.dtype
     bytes over this config's (whole compressed blocks plus the ring blocks, every layer alike).
     What the evaluation tables call capacity; vLLM's own "KV cache size in tokens" counts ring blocks
     as tokens, so it overstates a layered cache's."""
-    pages = [SlotLayout.build(cfg.layer_format(i), head_dim, model_dtype).slot_bytes * block_size
-             for i in range(num_layers)]
+    slots = sum(SlotLayout.build(cfg.layer_format(i), head_dim, model_dtype).slot_bytes for i in range(num_layers))
     ring = ring_plan(cfg, num_layers, head_dim, model_dtype, block_size)[0] if cfg.layered else 0
-    model = num_layers * 2 * head_dim * model_dtype.itemsize * block_size
     blocks = math.ceil(tokens / block_size)
-    return model * blocks / (sum(pages) * (blocks + ring))
+    return num_layers * 2 * head_dim * model_dtype.itemsize * blocks / (slots * (blocks + ring))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,9 @@ import torch
 
 from .formats import LayerFormat, SlotLayout, TensorFormat
 
+# the block size a layered plan's capacity is counted for (vLLM's default on CUDA)
+BLOCK_SIZE = 16
+
 # candidate formats per tensor (besides the exact "model"), cheapest last
 CANDIDATES = ("int8", "hadamard+int4", "r48+int8", "r32+int8", "r48+int4", "r40+int4", "r32+int4",
               "r24+int4", "r16+int4", "r8+int4")
@@ -69,8 +72,8 @@ def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     choice: list[np.ndarray] = []
-    pairs = [(kf, vf, slot_bytes(kf, vf, head_dim, model_dtype) // unit) for kf in cands for vf in cands
-             if slot_bytes(kf, vf, head_dim, model_dtype) >= min_slot_bytes]
+    pairs = [(kf, vf, b // unit) for kf in cands for vf in cands
+             if (b := slot_bytes(kf, vf, head_dim, model_dtype)) >= min_slot_bytes]
     for i in range(num_layers):
         nb = np.full(cap + 1, inf)
         arg = np.full(cap + 1, -1, dtype=np.int64)
@@ -99,7 +102,7 @@ def choose_plan(sens: dict[str, Any], budget_bytes: int, num_layers: int, num_kv
 
 def choose_layered_plan(sens: dict[str, Any], capacity: float, context: int, window: int, sink: int,
                         num_layers: int, num_kv_heads: int, head_dim: int, exact_dtype: str = "model",
-                        block_size: int = 16, candidates: tuple[str, ...] | None = None, metric: str = "kl",
+                        block_size: int = BLOCK_SIZE, candidates: tuple[str, ...] | None = None, metric: str = "kl",
                         model_dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[str, str]]:
     """The least-loss plan whose layered cache (last ``window`` and first ``sink`` tokens also exact, in ring
     blocks) holds ``capacity`` times as many sequences of ``context`` tokens as the model dtype does.
@@ -108,7 +111,7 @@ def choose_layered_plan(sens: dict[str, Any], capacity: float, context: int, win
     :func:`vllm_lowrank.layered.ring_plan`), so a plan cannot be chosen by slot bytes alone: for each
     possible ring size ``k`` (blocks), the layers are kept to slots whose page holds enough exact
     tokens for ``k`` blocks, and the budget is what is left after ``k`` ring pages; the best over ``k``."""
-    from .formats import ring_layout, ring_tokens_per_block
+    from .formats import ring_layout
     from .layered import ring_blocks
 
     ring = ring_layout(head_dim, model_dtype, exact_dtype).slot_bytes
@@ -124,8 +127,6 @@ def choose_layered_plan(sens: dict[str, Any], capacity: float, context: int, win
                                min_slot)
         except ValueError:
             continue
-        assert min(ring_tokens_per_block(block_size, slot_bytes(kf, vf, head_dim, model_dtype), ring_layout(
-            head_dim, model_dtype, exact_dtype)) for kf, vf in plan.values()) >= per_block
         loss = predicted_loss(sens, plan, metric)
         if loss < best_loss:
             best, best_loss = plan, loss
@@ -335,28 +336,28 @@ def main(argv: list[str] | None = None) -> int:
     layered = args.capacity_at and (args.exact_window or args.exact_sink)
     if args.capacity_at and not layered:
         raise SystemExit("choose_plan: --capacity-at counts a layered cache's ring: set --exact-window/--exact-sink")
+    recorded = {**settings, **({"exact_dtype": args.exact_dtype} if args.exact_dtype != "model" else {})}
     for r in args.ratios:
-        budget = int(full / r)
         if layered:
             plan = choose_layered_plan(sens, r, args.capacity_at, args.exact_window, args.exact_sink, n, h, d,
                                        args.exact_dtype, candidates=tuple(args.candidates), metric=args.metric)
+            limit = {}
         else:
-            plan = choose_plan(sens, budget, n, h, d, tuple(args.candidates), args.metric)
+            limit = {"budget": int(full / r)}
+            plan = choose_plan(sens, limit["budget"], n, h, d, tuple(args.candidates), args.metric)
         used = plan_bytes(plan, h, d)
-        entry = {"ratio": round(full / used, 3), "bytes_per_token": used, "budget": budget,
+        entry = {"ratio": round(full / used, 3), "bytes_per_token": used, **limit,
                  "predicted_kl": round(predicted_loss(sens, plan, "kl"), 6),
                  "predicted_dnll": round(predicted_loss(sens, plan, "dnll"), 6), "layers": plan_layers(plan)}
-        if settings or args.exact_dtype != "model":
-            entry["settings"] = {**settings, **({"exact_dtype": args.exact_dtype} if args.exact_dtype != "model"
-                                                else {})}
+        if recorded:
+            entry["settings"] = dict(recorded)
         if layered:
             from .layered import capacity_ratio
 
             cfg = plan_config(plan, exact_window=args.exact_window, exact_sink=args.exact_sink,
                               exact_dtype=args.exact_dtype)
-            entry["capacity"] = {str(t): round(capacity_ratio(cfg, n, d, torch.bfloat16, 16, t), 3)
+            entry["capacity"] = {str(t): round(capacity_ratio(cfg, n, d, torch.bfloat16, BLOCK_SIZE, t), 3)
                                  for t in (1024, 8192, 32768)}
-            del entry["budget"]
         plan_basis = basis
         if args.rank_bases:
             rank_files = {int(x.split("=")[0]): BasisFile.load(x.split("=", 1)[1]) for x in args.rank_bases}
