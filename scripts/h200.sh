@@ -12,6 +12,7 @@
 #                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
+#   bash scripts/h200.sh scales-ab      # decode with word-wide against 2-byte scale loads, num_stages 2 and 3, ~4 min
 #   bash scripts/h200.sh bench-ring     # decode kernels with and without a layered cache's ring (last 64 and first
 #                                       # token exact, bf16 and int8 rings), 1B and 8B shapes, batch 64/256, 1k/8k, ~4 min
 #   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and
@@ -27,7 +28,7 @@
 # Carry .gpukit/tok for the shapes with dummy weights. Background jobs are started and waited for in
 # this one shell (a `pgrep -f` wait loop matches its own command line and never ends).
 set -euo pipefail
-step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|bench-ring|layered|throughput-layered|profile-layered}
+step=${1:?usage: bash scripts/h200.sh serve|ppl|throughput-1b|throughput-8b|throughput-8b-b|latency|kernels|scales-ab|bench-ring|layered|throughput-layered|profile-layered}
 OUT=${OUT:-/tmp/h200-out}
 mkdir -p "$OUT"
 source /tmp/site/env.sh
@@ -105,6 +106,19 @@ case $step in
       --no-vllm --formats "int8,int4,lowrank+int8 1/4" --ring 64,1 --time-budget 420 --out "$OUT/bench_ring.json" \
       > "$OUT/bench_ring.log" 2>&1 || echo "bench_kernels.py exited with status $?"
     tail -30 "$OUT/bench_ring.log" ;;
+  scales-ab)
+    # decode with this checkout's word-wide scale loads (at num_stages 2 and 3), then the same run on a second
+    # install whose tile_scales has the previous 2-byte loads; FA3 bf16 as the yardstick in the first
+    AB=(--models llama-1b,llama3-8b --batches 64,256 --contexts 8192 --no-tune --stages 3 --time-budget 150
+        --formats "full,int8,int4,lowrank+int8 1/2,lowrank+int8 1/4")
+    python3 -P scripts/bench_kernels.py "${AB[@]}" --vllm-variants "FA3 bf16" --out "$OUT/scales-words.json" \
+      > "$OUT/scales-words.log" 2>&1 || echo "words run exited with status $?"
+    rm -rf /tmp/narrow /tmp/site-narrow && mkdir /tmp/narrow && cp -r pyproject.toml README.md vllm_lowrank triton_kernels patches bases /tmp/narrow/
+    python3 benchmarks/h200-2026-12-05/narrow_scales.py /tmp/narrow/triton_kernels/common.py
+    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site-narrow /tmp/narrow >/dev/null 2>&1
+    PYTHONPATH=/tmp/site-narrow:$PYTHONPATH python3 -P scripts/bench_kernels.py "${AB[@]}" --no-vllm \
+      --out "$OUT/scales-narrow.json" > "$OUT/scales-narrow.log" 2>&1 || echo "narrow run exited with status $?"
+    python3 -P scripts/compare_kernel_runs.py "$OUT/scales-narrow.json" "$OUT/scales-words.json" ;;
   kernels)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend_kernels.py \
       -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1 || true

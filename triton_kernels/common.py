@@ -287,10 +287,20 @@ def tile_field(cache_ptr, page, w0, OFF: tl.constexpr, NBYTES: tl.constexpr, NCO
 @triton.jit
 def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The fp16 scales (or zero points) at slot offset ``OFF`` of a tile's tokens, float32 [BLOCK_N],
-    zero past the end."""
-    t = w0 + tl.arange(0, TILE_B)[None, :]
-    x = tl.load(field_ptr(cache_ptr, page[:, None], t, OFF, 2, BLOCK_SIZE, tl.float16), mask=mask, other=0.0)
-    return tl.reshape(x, (mask.shape[0] * TILE_B,)).to(tl.float32)
+    zero past the end.
+
+    Loaded as 32-bit words of two scales, unmasked (every page of a tile is a real one, block 0's past
+    the end), then split: Triton's pipeliner turns only loads of 4 bytes or more a thread into
+    asynchronous copies, so 2-byte loads stalled every tile on a trip to memory.
+    """
+    n: tl.constexpr = mask.shape[0] * TILE_B
+    base = tl.multiple_of(page + BLOCK_SIZE * OFF + 2 * w0, 4)
+    words = (cache_ptr + base[:, None]).to(tl.pointer_type(tl.uint32)) + tl.arange(0, TILE_B // 2)[None, :]
+    w = tl.load(words)
+    lo = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    x = tl.where(mask, tl.reshape(tl.join(lo, hi), (mask.shape[0], TILE_B)), 0.0)
+    return tl.reshape(x, (n,)).to(tl.float32)
 
 
 @triton.jit
