@@ -60,9 +60,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--token-rows", action="store_true",
                    help="also time each of our formats with decode_attention(token_rows=True), as '<format> [tr]'")
     p.add_argument("--formats", default=None, help="comma list of our format names to run (default: all)")
-    p.add_argument("--stages", default=None, metavar="N[,N]",
-                   help="also time each of our formats with num_stages=N (software-pipeline depth), as "
-                        "'<format> [sN]'")
+    p.add_argument("--stages", default=None, metavar="S[:BN],...",
+                   help="also time each of our formats with num_stages=S (software-pipeline depth) and, if given, "
+                        "block_n=BN, as '<format> [sS]' or '<format> [sS nBN]'")
     p.add_argument("--ring", default=None, metavar="W,S",
                    help="also time each of our formats as a layered cache keeping its last W and first S tokens "
                         "exact, with the ring in bf16 ('<format> +ring') and in int8 ('<format> +ring8')")
@@ -366,9 +366,11 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
                 extra_cfg[f"{name} [tr]"] = {"token_rows": True}
         if args.stages:  # deeper software pipelines, side by side
             for name in [n for n in fmts if "[tr]" not in n]:
-                for ns in (int(x) for x in args.stages.split(",")):
-                    fmts[f"{name} [s{ns}]"] = fmts[name]
-                    extra_cfg[f"{name} [s{ns}]"] = {**extra_cfg[name], "num_stages": ns}
+                for item in args.stages.split(","):
+                    ns, _, bn = item.partition(":")
+                    tag = f"{name} [s{ns}" + (f" n{bn}]" if bn else "]")
+                    fmts[tag] = fmts[name]
+                    extra_cfg[tag] = {**extra_cfg[name], "num_stages": int(ns), **({"block_n": int(bn)} if bn else {})}
         if args.ring:  # layered caches: the same formats with a ring of exact tokens
             window, sink = (int(x) for x in args.ring.split(","))
             for name in list(fmts):

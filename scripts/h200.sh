@@ -18,7 +18,8 @@
 #   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and
 #                                       # perplexity (40 windows; carry as for ppl), side by side, ~5 min
 #   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, the ceiling auto-ample (bf16 with 16 GiB
-#                                       # of KV cache: the whole batch at once), int4 and three layered caches,
+#                                       # of KV cache: the whole batch at once), int4 and three layered caches
+#                                       # (int4 + last 32, int4 + last 8 in int8, the ring-chosen 4x plan),
 #                                       # 7 engines side by side, ~6 min
 #   bash scripts/h200.sh profile-layered  # torch.profiler over one 1B batch under memory pressure (1 GiB of KV,
 #                                       # 128 prompts, 1024 in / 256 out): fp8, int4 and the 4x plan's layered cache, one
@@ -93,7 +94,7 @@ case $step in
     grep -A 8 "^smollm2" "$OUT/ppl-layered.log" ;;
   throughput-layered)
     python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 7 --out "$OUT" --work /tmp/bs-1b-l \
-      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:plan-4x-w64-int8,lr:ring-4x 2>&1 \
+      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:int4-w8-int8,lr:ring-4x 2>&1 \
       | grep -v "it/s\]" | tail -12 ;;
   profile-layered)
     # `timeout` leaves the device call time to print what finished (each variant is printed when done)
@@ -107,9 +108,9 @@ case $step in
       > "$OUT/bench_ring.log" 2>&1 || echo "bench_kernels.py exited with status $?"
     tail -30 "$OUT/bench_ring.log" ;;
   scales-ab)
-    # decode with this checkout's word-wide scale loads (at num_stages 2 and 3), then the same run on a second
-    # install whose tile_scales has the previous 2-byte loads; FA3 bf16 as the yardstick in the first
-    AB=(--models llama-1b,llama3-8b --batches 64,256 --contexts 8192 --no-tune --stages 3 --time-budget 150
+    # decode with this checkout's word-wide scale loads (num_stages 2 and 3, 128- and 256-token tiles), then the
+    # same run on a second install whose tile_scales has the previous 2-byte loads; FA3 bf16 as the yardstick
+    AB=(--models llama-1b,llama3-8b --batches 64,256 --contexts 8192 --no-tune --stages 3,2:256,3:256 --time-budget 170
         --formats "full,int8,int4,lowrank+int8 1/2,lowrank+int8 1/4")
     python3 -P scripts/bench_kernels.py "${AB[@]}" --vllm-variants "FA3 bf16" --out "$OUT/scales-words.json" \
       > "$OUT/scales-words.log" 2>&1 || echo "words run exited with status $?"
