@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from vllm_lowrank.config import ModelShape, is_layered, parse
-from vllm_lowrank.layered import capacity_ratio
 from vllm_lowrank.shapes import SHAPES, make_basis
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -28,6 +27,10 @@ def _bench_serving():
 
 @pytest.mark.parametrize("shape", ["1b", "8b"])
 def test_every_serving_variant_parses_for_its_shape(shape, tmp_path):
+    # imported here, not at collection: vllm_lowrank.layered imports vLLM and so Triton, which must not be
+    # imported before test_kernels.py sets TRITON_INTERPRET (its interpreter tests would move to a subprocess)
+    from vllm_lowrank.layered import capacity_ratio
+
     s = SHAPES[shape]
     model = ModelShape(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"])
     basis = make_basis(shape, tmp_path / "basis.safetensors")
