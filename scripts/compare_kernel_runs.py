@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     a, b = rows(args.first), rows(args.second)
     print(f"{'shape':20s} {'variant':24s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'B % copy':>9s}")
-    for key in sorted(set(a) | set(b), key=lambda k: (k[0], k[1], k[2], k[3])):
+    for key in sorted(set(a) | set(b)):
         model, batch, ctx, variant = key
         ra, rb = a.get(key, {}), b.get(key, {})
         ta, tb = ra.get("ms"), rb.get("ms")

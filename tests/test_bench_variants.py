@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vllm_lowrank.config import ModelShape, is_layered, parse
+from vllm_lowrank.sensitivity import BLOCK_SIZE
 from vllm_lowrank.shapes import SHAPES, make_basis
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -39,9 +40,9 @@ def test_every_serving_variant_parses_for_its_shape(shape, tmp_path):
     for name, raw in variants.items():
         cfg = parse(raw, model)
         assert cfg.layered == is_layered(raw), name
-        ratio = capacity_ratio(cfg, model.num_layers, model.head_dim, torch.bfloat16, 16, 1280)
+        ratio = capacity_ratio(cfg, model.num_layers, model.head_dim, torch.bfloat16, BLOCK_SIZE, 1280)
         assert 1.0 < ratio < 9.0, (name, ratio)
     # the smaller int8 ring holds more tokens than the bf16 ring of 32, less than no ring at all
-    cap = {n: capacity_ratio(parse(variants[n], model), model.num_layers, model.head_dim, torch.bfloat16, 16, 1280)
-           for n in ("lr:int4", "lr:int4-w32", "lr:int4-w8-int8")}
+    cap = {n: capacity_ratio(parse(variants[n], model), model.num_layers, model.head_dim, torch.bfloat16,
+                             BLOCK_SIZE, 1280) for n in ("lr:int4", "lr:int4-w32", "lr:int4-w8-int8")}
     assert cap["lr:int4-w32"] < cap["lr:int4-w8-int8"] < cap["lr:int4"]

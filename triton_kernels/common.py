@@ -291,7 +291,8 @@ def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constex
 
     Loaded as 32-bit words of two scales, unmasked (every page of a tile is a real one, block 0's past
     the end), then split: Triton's pipeliner turns only loads of 4 bytes or more a thread into
-    asynchronous copies, so 2-byte loads stalled every tile on a trip to memory.
+    asynchronous copies, and 2-byte loads stayed synchronous in the loop's machine code (``LDG.E.U16``,
+    ``scripts/kernel_sass.py``); what that costs in time is for ``scripts/h200.sh scales-ab`` to measure.
     """
     n: tl.constexpr = mask.shape[0] * TILE_B
     base = tl.multiple_of(page + BLOCK_SIZE * OFF + 2 * w0, 4)
