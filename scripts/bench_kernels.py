@@ -418,9 +418,14 @@ def run_decode(args, results: dict, copy_bw: float, cfg: dict, t_start: float) -
 
 
 def run_store(args, results: dict, cfg: dict) -> None:
-    """Store cost per token (one layer) at 64 and 8192 new tokens, 8B shape; vs our decode at 64 x 8k."""
+    """Store cost per token (one layer) at 64 and 8192 new tokens, 8B shape; vs our decode at 64 x 8k.
+
+    Formats with a transform are also timed the way the store ran until the thirteenth session, as the
+    variant '<format> (host proj.)': ``TensorTransform.project`` on the host, then the kernel on the
+    latents (identity transforms), so that the in-kernel projection is compared in the same run."""
     from vllm_lowrank.formats import SlotLayout, cache_shape
     from vllm_lowrank.kernels import store
+    from vllm_lowrank.transforms import identity_transforms
 
     hq, h, d = MODELS["llama3-8b"]
     fmts = our_formats(d)
@@ -441,17 +446,24 @@ def run_store(args, results: dict, cfg: dict) -> None:
                 v = torch.randn_like(k)
                 perm = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")
                 sets = [perm[i * n:(i + 1) * n] for i in range(min(8, num_blocks * BLOCK_SIZE // n))]
-                ms, mode = bench(lambda slots: store(k, v, cache, slots, layout, tr), sets, args)
-                row.update(ms=ms, timing=mode, ns_per_token=ms * 1e6 / n)
-                if n == 64 and name in decode_ms:
-                    row["pct_of_decode_b64_8k"] = 100 * ms / decode_ms[name]
-                print(f"store {name:18s} n={n:<5d} {ms * 1e3:8.1f} us  {row['ns_per_token']:8.1f} ns/token"
-                      + (f"  {row['pct_of_decode_b64_8k']:.1f}% of decode" if "pct_of_decode_b64_8k" in row else ""),
-                      flush=True)
+                calls = {name: lambda slots: store(k, v, cache, slots, layout, tr)}
+                if not (tr.k.is_identity and tr.v.is_identity):
+                    calls[f"{name} (host proj.)"] = lambda slots: store(tr.k.project(k), tr.v.project(v), cache, slots,
+                                                                        layout, identity_transforms())
+                for variant, call in calls.items():
+                    row = dict(variant=variant, tokens=n)
+                    ms, mode = bench(call, sets, args)
+                    row.update(ms=ms, timing=mode, ns_per_token=ms * 1e6 / n)
+                    if n == 64 and name in decode_ms:
+                        row["pct_of_decode_b64_8k"] = 100 * ms / decode_ms[name]
+                    print(f"store {variant:30s} n={n:<5d} {ms * 1e3:8.1f} us  {row['ns_per_token']:8.1f} ns/token"
+                          + (f"  {row['pct_of_decode_b64_8k']:.1f}% of decode" if "pct_of_decode_b64_8k" in row
+                             else ""), flush=True)
+                    results["store"].append(row)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"store {name} n={n} ERROR {row['error']}", flush=True)
-            results["store"].append(row)
+                results["store"].append(row)
         del cache
         torch.cuda.empty_cache()
 
@@ -504,7 +516,7 @@ def short_table(results: dict, copy_bw: float) -> str:
             lines.append(f"  {model[-9:]:9s} {b:>3d} x {ctx // 1024:>2d}k  " + ", ".join(ratios))
     for r in results["store"]:
         if "pct_of_decode_b64_8k" in r:
-            lines.append(f"  store {r['variant']:18s} 64 tokens: {r['ms'] * 1e3:.1f} us = "
+            lines.append(f"  store {r['variant']:30s} 64 tokens: {r['ms'] * 1e3:.1f} us = "
                          f"{r['pct_of_decode_b64_8k']:.1f}% of decode at 64 x 8k (target < 5%)")
     return "\n".join(lines)
 

@@ -90,6 +90,8 @@ def compile_decode(fmt: LayerFormat, head_dim: int, group: int, block_size: int,
     consts = decode.split_constexprs(layout, group, block_size, block_n, token_rows, ring[0], ring[1],
                                      ring_layout(head_dim, model_dtype, ring[2]), True, True)
     model_type, q_type = _types(fmt, model_dtype)
+    if decode.projects_query(ring[0] + ring[1] > 0):
+        q_type = model_type  # the raw query: the kernel projects it
     return compile_kernel(decode._decode_split_kernel, consts,
                           {"q_ptr": q_type, "xq_ptr": model_type}, arch, num_warps, num_stages)
 
@@ -120,14 +122,14 @@ def compile_prefill(fmt: LayerFormat, head_dim: int, group: int, block_size: int
                            "xv_ptr": model_type}, arch, num_warps, num_stages)
 
 
-def compile_store(fmt: LayerFormat, head_dim: int, num_kv_heads: int, block_size: int, arch: int,
+def compile_store(fmt: LayerFormat, head_dim: int, block_size: int, arch: int,
                   model_dtype: torch.dtype = torch.bfloat16):
-    """The compiled store kernel of one layer format (sources: latents in float32, or raw K/V)."""
+    """The compiled store kernel of one layer format (raw K/V in the model dtype; a basis and an offset
+    wherever the format has a transform, as calibrated layers have)."""
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
     model_type = _types(fmt, model_dtype)[0]
-    types = {"k_ptr": "fp32" if fmt.k.transform != "none" else model_type,
-             "v_ptr": "fp32" if fmt.v.transform != "none" else model_type}
-    return compile_kernel(store._store_kernel, store.store_constexprs(layout, num_kv_heads, block_size), types, arch)
+    return compile_kernel(store._store_kernel, store.store_constexprs(layout, block_size),
+                          {"k_ptr": model_type, "v_ptr": model_type}, arch)
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
@@ -167,10 +169,10 @@ def every_kernel(head_dim: int, group: int, block_size: int, arch: int) -> dict:
     f = parse_format
     ring_m, ring_8 = (32, 1, "model"), (64, 1, "int8")
     return {
-        "store int8": lambda: compile_store(f("int8"), head_dim, 8, block_size, arch),
-        "store fp8": lambda: compile_store(f("fp8"), head_dim, 8, block_size, arch),
-        "store int4": lambda: compile_store(f("int4"), head_dim, 8, block_size, arch),
-        "store lowrank+int8": lambda: compile_store(f("lowrank+int8:32:32"), head_dim, 8, block_size, arch),
+        "store int8": lambda: compile_store(f("int8"), head_dim, block_size, arch),
+        "store fp8": lambda: compile_store(f("fp8"), head_dim, block_size, arch),
+        "store int4": lambda: compile_store(f("int4"), head_dim, block_size, arch),
+        "store lowrank+int8": lambda: compile_store(f("lowrank+int8:32:32"), head_dim, block_size, arch),
         "decode int4": lambda: compile_decode(f("int4"), head_dim, group, block_size, 128, 4, 2, arch,
                                               token_rows=True),
         "decode int4, model ring": lambda: compile_decode(f("int4"), head_dim, group, block_size, 128, 4, 2, arch,

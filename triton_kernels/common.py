@@ -306,9 +306,15 @@ def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constex
 
 @triton.jit
 def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
-               QK_DTYPE: tl.constexpr):
+               QK_DTYPE: tl.constexpr, h, basis_ptr, smooth_ptr, D: tl.constexpr, HAS_BASIS: tl.constexpr,
+               HAS_SMOOTH: tl.constexpr):
     """Query tiles [M, RK_TILE] in ``QK_DTYPE`` from row pointers ``q_rows``, ``sum(q)`` and the scale
     of each row's scores.
+
+    With ``HAS_BASIS`` / ``HAS_SMOOTH`` the rows are raw queries [D] of KV head ``h``'s group and the
+    projection ``P_k^T (s * q)`` (``basis_ptr``: P_k [H, D, RK], ``smooth_ptr``: s [H, D], float32) is
+    done here, a float32 (IEEE) dot over head_dim chunks, instead of on the host; otherwise the rows
+    are already what the dots take.
 
     Returns ``(q_a, q_b, q_sum, q_mul)``: for int4 K, ``q_a``/``q_b`` hold the even/odd channels;
     otherwise ``q_a`` is the whole query and ``q_b`` is ``q_a``. ``q_sum`` (the int4 zero-point term) is
@@ -317,13 +323,40 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
     and safe from fp16 overflow whatever the model's range); ``q_mul`` [M] undoes it on the scores.
     """
     c = tl.arange(0, RK_TILE)
-    if K_STORAGE == INT4:
+    if HAS_BASIS:
+        # transposed, P^T [C, 16] @ q^T [16, M]: the latent columns are the dot's M dimension (16 or more)
+        # while the query rows may be 8 (decode's token-rows orientation)
+        C: tl.constexpr = 2 * RK_TILE if K_STORAGE == INT4 else RK_TILE
+        col = tl.arange(0, C)
+        acc = tl.zeros((C, q_rows.shape[0]), dtype=tl.float32)
+        for d0 in range(0, D, 16):
+            d = d0 + tl.arange(0, 16)
+            d_mask = d < D
+            qt = tl.load(q_rows[None, :] + d[:, None], mask=d_mask[:, None] & row_mask[None, :], other=0.0)
+            qt = qt.to(tl.float32)
+            if HAS_SMOOTH:
+                qt = qt * tl.load(smooth_ptr + h * D + d, mask=d_mask, other=0.0)[:, None]
+            pt = tl.load(basis_ptr + (h * D + d)[None, :] * RK + col[:, None],
+                         mask=(col < RK)[:, None] & d_mask[None, :], other=0.0)
+            acc = tl.dot(pt, qt, acc, input_precision="ieee")
+        q = tl.trans(acc)
+        if K_STORAGE == INT4:
+            q_a, q_b = tl.split(tl.reshape(q, (q_rows.shape[0], RK_TILE, 2)))
+        else:
+            q_a = q
+            q_b = q
+    elif K_STORAGE == INT4:
         ev = 2 * c
         q_a = tl.load(q_rows[:, None] + ev[None, :], mask=row_mask[:, None] & (ev[None, :] < RK), other=0.0)
         q_b = tl.load(q_rows[:, None] + ev[None, :] + 1, mask=row_mask[:, None] & (ev[None, :] + 1 < RK),
                       other=0.0)
+        if HAS_SMOOTH:
+            q_a = q_a.to(tl.float32) * tl.load(smooth_ptr + h * D + ev, mask=ev < RK, other=0.0)[None, :]
+            q_b = q_b.to(tl.float32) * tl.load(smooth_ptr + h * D + ev + 1, mask=ev + 1 < RK, other=0.0)[None, :]
     else:
         q_a = tl.load(q_rows[:, None] + c[None, :], mask=row_mask[:, None] & (c[None, :] < RK), other=0.0)
+        if HAS_SMOOTH:
+            q_a = q_a.to(tl.float32) * tl.load(smooth_ptr + h * D + c, mask=c < RK, other=0.0)[None, :]
         q_b = q_a
     q_a = q_a.to(tl.float32)
     q_b = q_b.to(tl.float32)

@@ -140,7 +140,9 @@ def _ring_split(q_rows, g_mask, cache_ptr, ring_row, stride_cblk, head_off, seq_
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q_ptr, stride_qb, stride_qh,  # queries [B, Hq, RK]: projected (float32) or raw (model dtype)
+    q_ptr, stride_qb, stride_qh,  # queries: raw [B, Hq, D] (model dtype), projected here (Q_HAS_*), or
+    # projected on the host [B, Hq, RK] (float32; see projects_query)
+    k_basis_ptr, k_smooth_ptr,  # P_k [H, D, RK], s_k [H, D] float32: the query's projection P_k^T (s q)
     cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
     STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes), a constexpr: known alignment
     block_table_ptr, stride_btb,  # int32 [B, max_blocks]
@@ -165,6 +167,7 @@ def _decode_split_kernel(
     RING_INT8: tl.constexpr, RING_K_OFF: tl.constexpr, RING_K_BYTES: tl.constexpr, RING_K_SCALE_OFF: tl.constexpr,
     RING_K_T: tl.constexpr, RING_V_OFF: tl.constexpr, RING_V_BYTES: tl.constexpr, RING_V_SCALE_OFF: tl.constexpr,
     RING_V_T: tl.constexpr, HAS_K_OFFSET: tl.constexpr, HAS_V_OFFSET: tl.constexpr,
+    Q_HAS_BASIS: tl.constexpr, Q_HAS_SMOOTH: tl.constexpr,
 ):
     """Partial attention of one request's query group over one split of its cached tokens (or, for split
     index 0 of a layered cache, over its ring's exact tokens, beside the other splits)."""
@@ -211,7 +214,8 @@ def _decode_split_kernel(
     g = tl.arange(0, G_TILE)
     g_mask = g < G
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-    q_a, q_b, q_sum, q_mul = load_query(q_rows, g_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+    q_a, q_b, q_sum, q_mul = load_query(q_rows, g_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE, h, k_basis_ptr, k_smooth_ptr,
+                                        D, Q_HAS_BASIS, Q_HAS_SMOOTH)
     qk_row = q_mul * qk_scale
 
     m_i = tl.full((G_TILE,), float("-inf"), dtype=tl.float32)
@@ -392,9 +396,12 @@ def workspace_numel(batch: int, num_q_heads: int, latent_dim_v: int, num_splits:
 
 def split_constexprs(layout: SlotLayout, group: int, block_size: int, block_n: int, token_rows: bool,
                      window: int = 0, sink: int = 0, ring_slot: SlotLayout | None = None, has_k_offset: bool = False,
-                     has_v_offset: bool = False, upcast: bool = False, stride_chead: int | None = None) -> dict:
+                     has_v_offset: bool = False, upcast: bool = False, stride_chead: int | None = None,
+                     k_basis: bool | None = None, k_smooth: bool = False) -> dict:
     """The split kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike
-    (``stride_chead``: the cache's ``stride(1)``, by default dense pages)."""
+    (``stride_chead``: the cache's ``stride(1)``, by default dense pages; ``k_basis``/``k_smooth``: the
+    kernel projects the raw query with the key transform's basis / smoothing scales; by default a basis
+    wherever the K format has a transform, unless there is a ring: :func:`projects_query`)."""
     d = layout.head_dim
     ring_slot = ring_slot or ring_layout(d, layout.model_dtype)
     return dict(G=group, G_TILE=max(8 if token_rows else 16, next_pow2(group)),
@@ -403,7 +410,19 @@ def split_constexprs(layout: SlotLayout, group: int, block_size: int, block_n: i
                 **dot_dtypes(layout), UPCAST=upcast, TOKEN_ROWS=token_rows, RING_W=window, RING_S=sink, D=d,
                 D_TILE=max(16, next_pow2(d)), RING_G_TILE=max(16, next_pow2(group)), RING_N=16,
                 **ring_constexprs(ring_slot, block_size, layout.slot_bytes), HAS_K_OFFSET=has_k_offset,
-                HAS_V_OFFSET=has_v_offset)
+                HAS_V_OFFSET=has_v_offset,
+                Q_HAS_BASIS=(layout.k.fmt.transform != "none" and projects_query(window + sink > 0)
+                             if k_basis is None else k_basis), Q_HAS_SMOOTH=k_smooth)
+
+
+def projects_query(has_ring: bool) -> bool:
+    """Whether the split kernel projects the raw query itself (else the host does, :func:`project_queries`).
+
+    Not with a layered cache's ring: there the in-kernel projection cost the split kernel 12-32 more
+    registers a thread on sm_90, or spills (head_dim 64: int4 156 -> 168, lowrank+int8 with an int8 ring
+    108 -> 140; ``scripts/kernel_sass.py``), so fewer programs an SM for every compressed split, against
+    three or four small host launches saved. Without a ring it costs at most one register."""
+    return not has_ring
 
 
 def merge_constexprs(layout: SlotLayout, group: int, has_basis: bool, has_offset: bool, has_ring: bool) -> dict:
@@ -469,16 +488,24 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     ring_o = workspace[n_part * (rv + 1):n_part * (rv + 1) + batch * hq * d] if has_ring else part_o
     ring_lse = workspace[n_part * (rv + 1) + batch * hq * d:need] if has_ring else part_lse
 
-    q = project_queries(query, transforms.k, h)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    if projects_query(has_ring):
+        q = query
+        k_basis, _, q_basis, _ = transform_args(transforms.k, part_o)
+        k_smooth = transforms.k.smooth.float().contiguous() if transforms.k.smooth is not None else part_o
+        q_smooth = transforms.k.smooth is not None
+    else:
+        q = project_queries(query, transforms.k, h)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k_basis = k_smooth = part_o
+        q_basis = q_smooth = False
     basis, offset, has_basis, has_offset = transform_args(transforms.v, part_o)
     k_offset = transforms.k.offset.float().contiguous() if transforms.k.offset is not None else part_o
     consts = split_constexprs(layout, group, block_size, block_n, token_rows, window, sink, ring_slot,
                               transforms.k.offset is not None, has_offset, interpreted(_decode_split_kernel),
-                              kv_cache.stride(1))
+                              kv_cache.stride(1), q_basis, q_smooth)
     _decode_split_kernel[(batch, h, num_splits + has_ring)](
-        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), consts.pop("STRIDE_CHEAD"),
+        q, q.stride(0), q.stride(1), k_basis, k_smooth, kv_cache, kv_cache.stride(0),
+        consts.pop("STRIDE_CHEAD"),
         block_table, block_table.stride(0), seq_lens, part_o, part_lse, scale * LOG2E, num_splits,
         query, query.stride(0), query.stride(1), ring_table, ring_table.stride(0), k_offset, offset, ring_o, ring_lse,
         **consts, num_warps=num_warps, num_stages=num_stages)

@@ -171,7 +171,8 @@ def _prefill_kernel(
             m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((M,), dtype=tl.float32)
         q_rows = q_ptr + (q0 + tl.minimum(qi, q_len - 1)).to(tl.int64) * stride_qt + (h * G + g) * stride_qh
-        q_a, q_b, q_sum, q_mul = load_query(q_rows, row_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE)
+        q_a, q_b, q_sum, q_mul = load_query(q_rows, row_mask, K_STORAGE, RK, RK_TILE, QK_DTYPE, h, q_ptr, q_ptr, D,
+                                            False, False)  # projected on the host
         qk_row = q_mul * qk_scale
         acc_a = tl.zeros((M, RV_TILE), dtype=tl.float32)
         acc_b = tl.zeros((M, RV_TILE), dtype=tl.float32)

@@ -1,10 +1,16 @@
 """Store kernel: encode new tokens' K and V into their compressed slots, in one launch per layer.
 
-The transform ``lat = P^T (x - c)`` runs on the host as one batched matmul (exactly
-:meth:`TensorTransform.project`, so that the bytes equal :func:`vllm_lowrank.codec.encode_layer` bit
-for bit); the kernel then quantizes per token and KV head and writes every field of the slot (payload,
-scale, zero point) at ``slot_mapping`` (slots < 0 are padding and left alone). One program per token,
-all KV heads at once: a [H, r] tile, the quantization is a row reduction.
+Grid ``(cdiv(N, BLOCK_T), H)``: a program takes ``BLOCK_T`` tokens of one KV head. It reads their raw
+K/V in the model dtype, applies the transform ``lat = P^T ((x - c) / s)`` itself (the offset and the
+key smoothing elementwise, exactly as :meth:`TensorTransform.project` does; the basis as a float32
+``tl.dot`` over head_dim chunks, the tokens as its M rows), quantizes per token and writes every field
+of the slot (payload, scale, zero point, alignment gaps) at ``slot_mapping`` (slots < 0 are padding and
+left alone).
+
+Without a basis the bytes equal :func:`vllm_lowrank.codec.encode_layer` bit for bit. With one, the
+latents are the same float32 sums in another order (a few ulps apart), so a code on a rounding
+boundary may land one step away from the codec's: one kernel instead of the host's cast, subtraction
+and batched matmul per tensor (BENCHMARKS.md: the host projection doubled the store's time).
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ import triton
 import triton.language as tl
 
 from vllm_lowrank.formats import SlotLayout
-from vllm_lowrank.transforms import LayerTransforms
+from vllm_lowrank.transforms import LayerTransforms, TensorTransform
 
 from .common import (FP8_MAX, INT4, INT4_MAX, INT8, MODEL, check_cache, column_stride, field_ptr, int8_codes,
-                     layout_constexprs, next_pow2, rint, stored_scale)
+                     layout_constexprs, rint, stored_scale)
+
+BLOCK_T = 16  # tokens a program: the M rows of the projection's dot (16 at least)
+# head_dim channels a step of the projection's loop: 16 keeps the rotated int4 store of head_dim 128 at
+# 96 registers a thread on sm_90 (32: 128; the loop unrolled: 233), scripts/kernel_sass.py
+D_CHUNK = 16
 
 
 @triton.jit
@@ -57,22 +68,68 @@ def _fp8e4m3_bits(y):
 
 
 @triton.jit
-def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, head_mask,
+def _centre(x, h, d, d_mask, offset_ptr, smooth_ptr, HAS_OFFSET: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+            D: tl.constexpr):
+    """``(x - c) / s`` in float32 for channels ``d`` of KV head ``h`` (IEEE ops, as the host's project)."""
+    x = x.to(tl.float32)
+    if HAS_OFFSET:
+        x = x - tl.load(offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + h * D + d, mask=d_mask, other=1.0)[None, :])
+    return x
+
+
+@triton.jit
+def _latents(src_rows, row_mask, h, col, col_mask, basis_ptr, offset_ptr, smooth_ptr, R: tl.constexpr,
+             D: tl.constexpr, D_CHUNK: tl.constexpr, HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+             HAS_SMOOTH: tl.constexpr):
+    """Latent columns ``col`` [C] of the tokens at ``src_rows`` [BLOCK_T] (pointers to their K or V of KV
+    head ``h``): ``P^T ((x - c) / s)`` in float32 [BLOCK_T, C], zero in masked columns; the raw ``x`` (its
+    dtype) when the transform is the identity."""
+    if HAS_BASIS:
+        acc = tl.zeros((src_rows.shape[0], col.shape[0]), dtype=tl.float32)
+        for d0 in range(0, D, D_CHUNK):
+            d = d0 + tl.arange(0, D_CHUNK)
+            d_mask = d < D
+            x = tl.load(src_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            x = tl.where(d_mask[None, :], _centre(x, h, d, d_mask, offset_ptr, smooth_ptr, HAS_OFFSET, HAS_SMOOTH,
+                                                  D), 0.0)
+            p = tl.load(basis_ptr + (h * D + d)[:, None] * R + col[None, :],
+                        mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(x, p, acc, input_precision="ieee")
+        return acc
+    else:
+        x = tl.load(src_rows[:, None] + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if HAS_OFFSET or HAS_SMOOTH:
+            x = tl.where(col_mask[None, :], _centre(x, h, col, col_mask, offset_ptr, smooth_ptr, HAS_OFFSET,
+                                                    HAS_SMOOTH, D), 0.0)
+        return x
+
+
+@triton.jit
+def _encode_tensor(src_rows, row_mask, h, basis_ptr, offset_ptr, smooth_ptr, cache_ptr, page, within,
                    STORAGE: tl.constexpr, OFF: tl.constexpr, NBYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
                    ZERO_OFF: tl.constexpr, TRANSPOSED: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr, H_TILE: tl.constexpr):
-    """Quantize the latents of one token [H, R] (rows of ``src``) and write them into its pages."""
-    hh = tl.arange(0, H_TILE)
+                   BLOCK_SIZE: tl.constexpr, MODEL_DTYPE: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
+                   HAS_BASIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """Transform and quantize one tensor of the program's tokens (rows) and write it into their pages."""
     c = tl.arange(0, R_TILE)
-    src = src_ptr + tok.to(tl.int64) * stride_sn + hh[:, None] * stride_sh
     scale_ptr = field_ptr(cache_ptr, page, within, SCALE_OFF, 2, BLOCK_SIZE, tl.float16)
     col = c[None, :] * column_stride(TRANSPOSED, BLOCK_SIZE)
     if STORAGE == INT4:
         ev = 2 * c
-        ma = head_mask[:, None] & (ev[None, :] < R)
-        mb = head_mask[:, None] & (ev[None, :] + 1 < R)
-        xa = tl.load(src + ev[None, :], mask=ma, other=0.0).to(tl.float32)
-        xb = tl.load(src + ev[None, :] + 1, mask=mb, other=0.0).to(tl.float32)
+        ma = row_mask[:, None] & (ev[None, :] < R)
+        mb = row_mask[:, None] & (ev[None, :] + 1 < R)
+        if HAS_BASIS:  # one dot for all columns, then split into the even and the odd ones
+            cc = tl.arange(0, 2 * R_TILE)
+            x = _latents(src_rows, row_mask, h, cc, cc < R, basis_ptr, offset_ptr, smooth_ptr, R, D, D_CHUNK,
+                         HAS_BASIS, HAS_OFFSET, HAS_SMOOTH)
+            xa, xb = tl.split(tl.reshape(x, (x.shape[0], R_TILE, 2)))
+        else:
+            xa = _latents(src_rows, row_mask, h, ev, ev < R, basis_ptr, offset_ptr, smooth_ptr, R, D, D_CHUNK,
+                          HAS_BASIS, HAS_OFFSET, HAS_SMOOTH).to(tl.float32)
+            xb = _latents(src_rows, row_mask, h, ev + 1, ev + 1 < R, basis_ptr, offset_ptr, smooth_ptr, R, D,
+                          D_CHUNK, HAS_BASIS, HAS_OFFSET, HAS_SMOOTH).to(tl.float32)
         lo = tl.minimum(tl.min(tl.where(ma, xa, float("inf")), axis=1),
                         tl.min(tl.where(mb, xb, float("inf")), axis=1))
         hi = tl.maximum(tl.max(tl.where(ma, xa, float("-inf")), axis=1),
@@ -84,19 +141,23 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
         qb = tl.clamp(rint(tl.math.div_rn(xb - zero[:, None], scale[:, None])), 0.0, INT4_MAX)
         qa = tl.where(ma, qa, 0.0).to(tl.uint8)
         qb = tl.where(mb, qb, 0.0).to(tl.uint8)
-        payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8, TRANSPOSED)
+        payload = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.uint8,
+                            TRANSPOSED)
         tl.store(payload + col, qa | (qb << 4), mask=ma)
-        tl.store(scale_ptr, s16, mask=head_mask)
-        tl.store(field_ptr(cache_ptr, page, within, ZERO_OFF, 2, BLOCK_SIZE, tl.float16), z16, mask=head_mask)
+        tl.store(scale_ptr, s16, mask=row_mask)
+        tl.store(field_ptr(cache_ptr, page, within, ZERO_OFF, 2, BLOCK_SIZE, tl.float16), z16, mask=row_mask)
     else:
-        m = head_mask[:, None] & (c[None, :] < R)
-        x = tl.load(src + c[None, :], mask=m, other=0.0)
+        m = row_mask[:, None] & (c[None, :] < R)
+        x = _latents(src_rows, row_mask, h, c, c < R, basis_ptr, offset_ptr, smooth_ptr, R, D, D_CHUNK, HAS_BASIS,
+                     HAS_OFFSET, HAS_SMOOTH)
         if STORAGE == MODEL:
-            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE, TRANSPOSED)
+            payload = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, MODEL_DTYPE,
+                                TRANSPOSED)
             tl.store(payload + col, _cast_rtne(x, MODEL_DTYPE), mask=m)
         else:
             x = x.to(tl.float32)
-            payload = field_ptr(cache_ptr, page[:, None], within, OFF, NBYTES, BLOCK_SIZE, tl.uint8, TRANSPOSED)
+            payload = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, NBYTES, BLOCK_SIZE, tl.uint8,
+                                TRANSPOSED)
             if STORAGE == INT8:
                 s16, q = int8_codes(x)
                 q = q.to(tl.int8).to(tl.uint8, bitcast=True)
@@ -105,67 +166,92 @@ def _encode_tensor(src_ptr, stride_sn, stride_sh, tok, cache_ptr, page, within, 
                 y = tl.math.div_rn(x, scale[:, None])
                 q = _fp8e4m3_bits(tl.clamp(y, -FP8_MAX, FP8_MAX))
             tl.store(payload + col, q, mask=m)
-            tl.store(scale_ptr, s16, mask=head_mask)
+            tl.store(scale_ptr, s16, mask=row_mask)
 
 
 @triton.jit
-def _zero_gap(cache_ptr, page, within, head_mask, OFF: tl.constexpr, LEN: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr, H_TILE: tl.constexpr):
-    """Zero the ``LEN`` (< 4) padding bytes at slot offset ``OFF`` of one token in its pages."""
+def _zero_gap(cache_ptr, page, within, row_mask, OFF: tl.constexpr, LEN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Zero the ``LEN`` (< 4) padding bytes at slot offset ``OFF`` of the program's tokens in their pages."""
     if LEN > 0:
         g = tl.arange(0, 4)
-        gap = field_ptr(cache_ptr, page[:, None], within, OFF, LEN, BLOCK_SIZE, tl.uint8)
-        tl.store(gap + g[None, :], tl.zeros((H_TILE, 4), dtype=tl.uint8),
-                 mask=head_mask[:, None] & (g[None, :] < LEN))
+        gap = field_ptr(cache_ptr, page[:, None], within[:, None], OFF, LEN, BLOCK_SIZE, tl.uint8)
+        tl.store(gap + g[None, :], tl.zeros((page.shape[0], 4), dtype=tl.uint8),
+                 mask=row_mask[:, None] & (g[None, :] < LEN))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_kernel(
-    k_ptr, stride_kn, stride_kh,  # K source [N, H, RK]: latents (float32) or the raw keys
-    v_ptr, stride_vn, stride_vh,  # V source [N, H, RV]
+    k_ptr, stride_kn, stride_kh,  # raw keys [N, H, D] (model dtype)
+    v_ptr, stride_vn, stride_vh,  # raw values [N, H, D]
     cache_ptr, stride_cblk,  # uint8 [num_blocks, H, BLOCK_SIZE, slot_bytes], pages field by field
     STRIDE_CHEAD: tl.constexpr,  # page bytes (BLOCK_SIZE * slot_bytes)
     slot_mapping_ptr,  # [N] int, < 0: padding
-    H: tl.constexpr, H_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    num_tokens,  # N
+    k_basis_ptr, k_offset_ptr, k_smooth_ptr,  # P_k [H, D, RK], c_k [H, D], s_k [H, D] float32 (if HAS_*)
+    v_basis_ptr, v_offset_ptr,  # P_v [H, D, RV], c_v [H, D] float32 (values are never smoothed)
+    BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
     K_STORAGE: tl.constexpr, K_OFF: tl.constexpr, K_BYTES: tl.constexpr, K_SCALE_OFF: tl.constexpr,
     K_ZERO_OFF: tl.constexpr, K_T: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
+    K_HAS_BASIS: tl.constexpr, K_HAS_OFFSET: tl.constexpr, K_HAS_SMOOTH: tl.constexpr,
     V_STORAGE: tl.constexpr, V_OFF: tl.constexpr, V_BYTES: tl.constexpr, V_SCALE_OFF: tl.constexpr,
-    V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+    V_ZERO_OFF: tl.constexpr, V_T: tl.constexpr, RV: tl.constexpr, RV_TILE: tl.constexpr,
+    V_HAS_BASIS: tl.constexpr, V_HAS_OFFSET: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     GAP0: tl.constexpr, GAP0_LEN: tl.constexpr, GAP1: tl.constexpr, GAP1_LEN: tl.constexpr,
     GAP2: tl.constexpr, GAP2_LEN: tl.constexpr,
 ):
-    """One program per token: quantize K and V of all its KV heads and scatter them into its pages.
-
-    Alignment gaps of the slot (``GAPi``: slot offset, ``GAPi_LEN`` < 4 bytes) are zeroed, so every
-    byte of a stored slot is defined, as in the codec.
-    """
-    tok = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    hh = tl.arange(0, H_TILE)
-    head_mask = (hh < H) & (slot >= 0)
+    """``BLOCK_T`` tokens of one KV head: transform and quantize their K and V and scatter them into their
+    pages. Alignment gaps of the slot (``GAPi``: slot offset, ``GAPi_LEN`` < 4 bytes) are zeroed, so every
+    byte of a stored slot is defined, as in the codec."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    slot = tl.load(slot_mapping_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
+    row_mask = slot >= 0
     slot = tl.maximum(slot, 0)
-    page = (slot // BLOCK_SIZE) * stride_cblk + hh.to(tl.int64) * STRIDE_CHEAD
+    page = (slot // BLOCK_SIZE) * stride_cblk + h.to(tl.int64) * STRIDE_CHEAD
     within = slot % BLOCK_SIZE
-    _encode_tensor(k_ptr, stride_kn, stride_kh, tok, cache_ptr, page, within, head_mask, K_STORAGE, K_OFF, K_BYTES,
-                   K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
-    _encode_tensor(v_ptr, stride_vn, stride_vh, tok, cache_ptr, page, within, head_mask, V_STORAGE, V_OFF, V_BYTES,
-                   V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE, BLOCK_SIZE, MODEL_DTYPE, H_TILE)
-    _zero_gap(cache_ptr, page, within, head_mask, GAP0, GAP0_LEN, BLOCK_SIZE, H_TILE)
-    _zero_gap(cache_ptr, page, within, head_mask, GAP1, GAP1_LEN, BLOCK_SIZE, H_TILE)
-    _zero_gap(cache_ptr, page, within, head_mask, GAP2, GAP2_LEN, BLOCK_SIZE, H_TILE)
+    tok = tok.to(tl.int64)
+    _encode_tensor(k_ptr + tok * stride_kn + h * stride_kh, row_mask, h, k_basis_ptr, k_offset_ptr, k_smooth_ptr,
+                   cache_ptr, page, within, K_STORAGE, K_OFF, K_BYTES, K_SCALE_OFF, K_ZERO_OFF, K_T, RK, RK_TILE,
+                   BLOCK_SIZE, MODEL_DTYPE, D, D_CHUNK, K_HAS_BASIS, K_HAS_OFFSET, K_HAS_SMOOTH)
+    _encode_tensor(v_ptr + tok * stride_vn + h * stride_vh, row_mask, h, v_basis_ptr, v_offset_ptr, v_offset_ptr,
+                   cache_ptr, page, within, V_STORAGE, V_OFF, V_BYTES, V_SCALE_OFF, V_ZERO_OFF, V_T, RV, RV_TILE,
+                   BLOCK_SIZE, MODEL_DTYPE, D, D_CHUNK, V_HAS_BASIS, V_HAS_OFFSET, False)
+    _zero_gap(cache_ptr, page, within, row_mask, GAP0, GAP0_LEN, BLOCK_SIZE)
+    _zero_gap(cache_ptr, page, within, row_mask, GAP1, GAP1_LEN, BLOCK_SIZE)
+    _zero_gap(cache_ptr, page, within, row_mask, GAP2, GAP2_LEN, BLOCK_SIZE)
 
 
-def store_constexprs(layout: SlotLayout, num_kv_heads: int, block_size: int, stride_chead: int | None = None) -> dict:
-    """The store kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike
-    (``stride_chead``: the cache's ``stride(1)``, by default dense pages)."""
-    c = layout_constexprs(layout, minimum_tile=1)
+def store_constexprs(layout: SlotLayout, block_size: int, has: dict[str, bool] | None = None,
+                     stride_chead: int | None = None) -> dict:
+    """The store kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike.
+
+    ``has``: which transform parts are present (:func:`transform_flags`; by default a basis and an
+    offset wherever the format has a transform, no smoothing); ``stride_chead``: the cache's
+    ``stride(1)``, by default dense pages."""
+    c = layout_constexprs(layout, minimum_tile=16)  # the dot's N dimension: 16 at least
     gaps = layout.gaps()
     assert len(gaps) <= 3 and all(nbytes < 4 for _, nbytes in gaps), f"unexpected slot padding {gaps}"
     gaps += [(0, 0)] * 3
     for i, (off, nbytes) in enumerate(gaps[:3]):
         c[f"GAP{i}"], c[f"GAP{i}_LEN"] = off, nbytes
-    return dict(STRIDE_CHEAD=stride_chead or block_size * layout.slot_bytes, H=num_kv_heads,
-                H_TILE=next_pow2(num_kv_heads), BLOCK_SIZE=block_size, **c)
+    if has is None:
+        kt, vt = layout.k.fmt.transform != "none", layout.v.fmt.transform != "none"
+        has = dict(K_HAS_BASIS=kt, K_HAS_OFFSET=kt, K_HAS_SMOOTH=False, V_HAS_BASIS=vt, V_HAS_OFFSET=vt)
+    return dict(STRIDE_CHEAD=stride_chead or block_size * layout.slot_bytes, BLOCK_T=BLOCK_T, BLOCK_SIZE=block_size,
+                D=layout.head_dim, D_CHUNK=D_CHUNK, **c, **has)
+
+
+def transform_flags(transforms: LayerTransforms) -> dict[str, bool]:
+    """The ``*_HAS_*`` constexprs of a layer's transforms."""
+    k, v = transforms.k, transforms.v
+    return dict(K_HAS_BASIS=k.basis is not None, K_HAS_OFFSET=k.offset is not None, K_HAS_SMOOTH=k.smooth is not None,
+                V_HAS_BASIS=v.basis is not None, V_HAS_OFFSET=v.offset is not None)
+
+
+def _transform_ptrs(tr: TensorTransform, like: torch.Tensor) -> list[torch.Tensor]:
+    """(basis, offset, smooth) as contiguous float32 on ``like``'s device; ``like`` for an absent part."""
+    return [like if t is None else t.to(device=like.device, dtype=torch.float32).contiguous()
+            for t in (tr.basis, tr.offset, tr.smooth)]
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -179,19 +265,14 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
     if n == 0:
         return
     _, h, block_size = check_cache(kv_cache, layout)
-    srcs = []
-    for x, tr in ((key[:n], transforms.k), (value[:n], transforms.v)):
-        src = x if tr.is_identity else tr.project(x)  # float32 latents [N, H, r]
-        if src.stride(-1) != 1:
-            src = src.contiguous()
-        srcs.append(src)
-    ks, vs = srcs
-    c = store_constexprs(layout, h, block_size, kv_cache.stride(1))
-    _store_kernel[(n,)](
-        ks, ks.stride(0), ks.stride(1), vs, vs.stride(0), vs.stride(1),
-        kv_cache, kv_cache.stride(0), c.pop("STRIDE_CHEAD"), slot_mapping, **c, num_warps=4)
-
-
+    key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
+    k_basis, k_offset, k_smooth = _transform_ptrs(transforms.k, key)
+    v_basis, v_offset, _ = _transform_ptrs(transforms.v, key)
+    c = store_constexprs(layout, block_size, transform_flags(transforms), kv_cache.stride(1))
+    _store_kernel[(triton.cdiv(n, BLOCK_T), h)](
+        key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
+        kv_cache, kv_cache.stride(0), c.pop("STRIDE_CHEAD"), slot_mapping, n,
+        k_basis, k_offset, k_smooth, v_basis, v_offset, **c, num_warps=4)
 def store_ring(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, ring_table: torch.Tensor,
                req_of_token: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, window: int,
                sink: int, ring: SlotLayout, slots: list[torch.Tensor] | None = None) -> None:

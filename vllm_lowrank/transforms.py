@@ -12,9 +12,10 @@ optional per-channel key smoothing [H, D] (keys only, s > 0; identity when absen
 Query-weighted key smoothing, ``s_i = (E[(k_i - c_i)^2] / E[q_i^2])^(1/4)`` per layer, KV head and
 post-RoPE channel (calibrated, stored in the basis file as ``k.smooth.{i}``), evens out the channels'
 contributions to the score error before a Hadamard rotation and int4 rounding (EVALUATION.md). The store
-divides by ``s`` before ``P^T`` (:meth:`TensorTransform.project`), the queries are multiplied by ``s``
-before ``P_k^T`` (:meth:`TensorTransform.project_query`, and the kernels' host-side ``project_queries``),
-so no kernel sees ``s``.
+divides by ``s`` before ``P^T`` (:meth:`TensorTransform.project`; the store kernel the same, itself), the
+queries are multiplied by ``s`` before ``P_k^T`` (:meth:`TensorTransform.project_query`; the decode
+kernel's ``load_query`` itself, the prefill's host-side ``project_queries``); the attention loops never
+see ``s``.
 """
 
 from __future__ import annotations
