@@ -12,7 +12,9 @@
 #                                       # int8 (ours and vLLM's), vLLM's int4; ~6 min
 #   bash scripts/h200.sh latency        # `vllm bench latency` at batch 1 and 32, 4 variants, ~4 min
 #   bash scripts/h200.sh kernels        # the GPU kernel tests, ~6 min
-#   bash scripts/h200.sh scales-ab      # decode with word-wide against 2-byte scale loads, num_stages 2 and 3, ~6 min
+#   bash scripts/h200.sh scales-ab      # decode with word-wide against 2-byte scale loads, num_stages 2 and 3, ~6 min;
+#                                       # each run ends with the store rows: the in-kernel projection against the
+#                                       # host's ('<format> (host proj.)'), 64 and 8192 tokens of the 8B shape
 #   bash scripts/h200.sh bench-ring     # decode kernels with and without a layered cache's ring (last 64 and first
 #                                       # token exact, bf16 and int8 rings), 1B and 8B shapes, batch 64/256, 1k/8k, ~4 min
 #   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and

@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_lowrank.formats import LayerFormat, SlotLayout, TensorFormat, preset_format, ring_layout
-from vllm_lowrank.kernels import decode, prefill
+from vllm_lowrank.kernels import decode, prefill, query
 
 store = importlib.import_module("vllm_lowrank.kernels.store")  # the module (the package exports its function)
 
@@ -132,6 +132,15 @@ def compile_store(fmt: LayerFormat, head_dim: int, block_size: int, arch: int,
                           {"k_ptr": model_type, "v_ptr": model_type}, arch)
 
 
+def compile_query(fmt: LayerFormat, head_dim: int, group: int, arch: int, model_dtype: torch.dtype = torch.bfloat16):
+    """The compiled query projection kernel for the key basis of one layer format (with smoothing)."""
+    layout = SlotLayout.build(fmt, head_dim, model_dtype)
+    rk = layout.k.latent_dim
+    consts = dict(G=group, D=head_dim, R=rk, R_TILE=max(16, 1 << (rk - 1).bit_length()), BLOCK_M=query.BLOCK_M,
+                  HAS_SMOOTH=True)
+    return compile_kernel(query._project_query_kernel, consts, {"q_ptr": _types(fmt, model_dtype)[0]}, arch)
+
+
 def disassemble(cubin: bytes) -> tuple[str, str]:
     """(SASS text, resource usage) of a cubin, with Triton's bundled cuobjdump."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -163,8 +172,8 @@ def opcode(text: str) -> str:
 
 
 def every_kernel(head_dim: int, group: int, block_size: int, arch: int) -> dict:
-    """One compile of each kernel variant that serving launches (store, decode split and merge, prefill;
-    with and without a layered cache's ring in the model dtype and int8), by name. Decode as it runs: int4
+    """One compile of each kernel variant that serving launches (store, query projection, decode split and
+    merge, prefill; with and without a layered cache's ring in the model dtype and int8), by name. Decode as it runs: int4
     with tokens as the dots' rows, the others with the query group as rows."""
     f = parse_format
     ring_m, ring_8 = (32, 1, "model"), (64, 1, "int8")
@@ -183,6 +192,8 @@ def every_kernel(head_dim: int, group: int, block_size: int, arch: int) -> dict:
                                                       arch),
         "decode lowrank+int8, int8 ring": lambda: compile_decode(f("lowrank+int8:16:16"), head_dim, group, block_size,
                                                                  128, 4, 2, arch, ring=ring_8),
+        "query int4": lambda: compile_query(f("int4"), head_dim, group, arch),
+        "query lowrank+int8": lambda: compile_query(f("lowrank+int8:16:16"), head_dim, group, arch),
         "merge int4": lambda: compile_merge(f("int4"), head_dim, group, arch),
         "merge int4, ring": lambda: compile_merge(f("int4"), head_dim, group, arch, ring=True),
         "prefill int8": lambda: compile_prefill(f("int8"), head_dim, group, block_size, arch),

@@ -73,11 +73,11 @@ def every_kernel(tmp_path_factory) -> dict:
 
 
 def test_every_kernel_compiles(every_kernel):
-    """Every kernel variant that serving launches (store, decode split and merge, prefill; with a layered
-    cache's ring in the model dtype and in int8) compiles for sm_90: the interpreter tests cannot see
-    compile-only errors (a constexpr missing from a launch, an op the GPU lowering lacks)."""
+    """Every kernel variant that serving launches (store, query projection, decode split and merge, prefill;
+    with a layered cache's ring in the model dtype and in int8) compiles for sm_90: the interpreter tests
+    cannot see compile-only errors (a constexpr missing from a launch, an op the GPU lowering lacks)."""
     kinds = {name.split()[0] for name in every_kernel}
-    assert kinds == {"store", "decode", "merge", "prefill"}, kinds
+    assert kinds == {"store", "query", "decode", "merge", "prefill"}, kinds
     assert all(r["REG"] > 0 for r in every_kernel.values()), every_kernel
 
 

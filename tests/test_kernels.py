@@ -246,6 +246,33 @@ def test_store_fp8_rounding_ties(device, seed):
     assert torch.equal(reference.read_slots(cache, slots, layout), expected), f"seed={seed}"
 
 
+# ----------------------------------------------------------------------------------------------- query
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [DTYPES[1], DTYPES[2]])
+@pytest.mark.parametrize("spec,group,smooth", [("lowrank", 3, False), ("hadamard+int8/int8", 4, True),
+                                               ("r7+int4/int8", 1, True), ("int8", 2, True)])
+def test_project_queries(spec, group, smooth, dtype, device, seed):
+    """The query projection kernel (prefill; a layered decode) against float64 ``P_k^T (s q)``, every row of
+    ragged token counts (the last program partly past the end)."""
+    from vllm_lowrank.kernels.query import project_queries
+
+    h, d = 2, 64
+    _, tr = _setup(spec, h, d, dtype, device, smooth=smooth)
+    for t in (1, 5, 37):
+        q = (torch.randn(t, h * group, d) * 2).to(dtype).to(device)
+        got = project_queries(q, tr.k, h)
+        qq = q.double().reshape(t, h, group, d)
+        if tr.k.smooth is not None:
+            qq = qq * tr.k.smooth.double()[None, :, None, :]
+        want = qq if tr.k.basis is None else torch.einsum("thgd,hdr->thgr", qq, tr.k.basis.double())
+        want = want.reshape(t, h * group, -1)
+        assert got.shape == want.shape and not got.isnan().any(), f"seed={seed} t={t}"
+        err = _rel(got, want)
+        assert err < 1e-6, f"seed={seed} {spec} t={t}: {err:.2e} from float64"
+
+
 # ----------------------------------------------------------------------------------------------- decode
 
 DECODE_SPECS = list(PRESETS) + ["r16/int8", "int4/model", "r7+int4/r9+fp8", "hadamard+int8/r20+int4"]

@@ -5,6 +5,7 @@
 - :func:`decode_attention`: split-KV (flash-decoding) paged attention, one query token per request;
 - :func:`paged_attention`: causal attention of query chunks over their compressed context (prefill);
   :func:`compile_prefill` compiles it at start-up.
+- ``query.project_queries``: the key basis applied to raw queries in one launch (prefill, layered decode).
 
 Same contracts as the PyTorch oracle in :mod:`vllm_lowrank.reference`.
 """

@@ -305,6 +305,28 @@ def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constex
 
 
 @triton.jit
+def project_query_rows(q_rows, row_mask, h, basis_ptr, smooth_ptr, C: tl.constexpr, RK: tl.constexpr,
+                       D: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """``P_k^T (s q)`` [M, C] in float32 of the raw query rows ``q_rows`` [M] of KV head ``h`` (``basis_ptr``:
+    P_k [H, D, RK], ``smooth_ptr``: s [H, D], float32; columns from ``RK`` on are zero). A float32 (IEEE)
+    dot over head_dim chunks of 16, computed transposed, ``P^T [C, 16] @ q^T [16, M]``, so that the
+    latent columns are the dot's M dimension (16 or more) while the query rows may be 8."""
+    col = tl.arange(0, C)
+    acc = tl.zeros((C, q_rows.shape[0]), dtype=tl.float32)
+    for d0 in range(0, D, 16):
+        d = d0 + tl.arange(0, 16)
+        d_mask = d < D
+        qt = tl.load(q_rows[None, :] + d[:, None], mask=d_mask[:, None] & row_mask[None, :], other=0.0)
+        qt = qt.to(tl.float32)
+        if HAS_SMOOTH:
+            qt = qt * tl.load(smooth_ptr + h * D + d, mask=d_mask, other=0.0)[:, None]
+        pt = tl.load(basis_ptr + (h * D + d)[None, :] * RK + col[:, None], mask=(col < RK)[:, None] & d_mask[None, :],
+                     other=0.0)
+        acc = tl.dot(pt, qt, acc, input_precision="ieee")
+    return tl.trans(acc)
+
+
+@triton.jit
 def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_TILE: tl.constexpr,
                QK_DTYPE: tl.constexpr, h, basis_ptr, smooth_ptr, D: tl.constexpr, HAS_BASIS: tl.constexpr,
                HAS_SMOOTH: tl.constexpr):
@@ -324,22 +346,8 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
     """
     c = tl.arange(0, RK_TILE)
     if HAS_BASIS:
-        # transposed, P^T [C, 16] @ q^T [16, M]: the latent columns are the dot's M dimension (16 or more)
-        # while the query rows may be 8 (decode's token-rows orientation)
         C: tl.constexpr = 2 * RK_TILE if K_STORAGE == INT4 else RK_TILE
-        col = tl.arange(0, C)
-        acc = tl.zeros((C, q_rows.shape[0]), dtype=tl.float32)
-        for d0 in range(0, D, 16):
-            d = d0 + tl.arange(0, 16)
-            d_mask = d < D
-            qt = tl.load(q_rows[None, :] + d[:, None], mask=d_mask[:, None] & row_mask[None, :], other=0.0)
-            qt = qt.to(tl.float32)
-            if HAS_SMOOTH:
-                qt = qt * tl.load(smooth_ptr + h * D + d, mask=d_mask, other=0.0)[:, None]
-            pt = tl.load(basis_ptr + (h * D + d)[None, :] * RK + col[:, None],
-                         mask=(col < RK)[:, None] & d_mask[None, :], other=0.0)
-            acc = tl.dot(pt, qt, acc, input_precision="ieee")
-        q = tl.trans(acc)
+        q = project_query_rows(q_rows, row_mask, h, basis_ptr, smooth_ptr, C, RK, D, HAS_SMOOTH)
         if K_STORAGE == INT4:
             q_a, q_b = tl.split(tl.reshape(q, (q_rows.shape[0], RK_TILE, 2)))
         else:
@@ -734,19 +742,3 @@ def transform_args(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     basis = tr.basis.float().contiguous() if tr.basis is not None else like
     offset = tr.offset.float().contiguous() if tr.offset is not None else like
     return basis, offset, tr.basis is not None, tr.offset is not None
-
-
-def project_queries(query: torch.Tensor, tr, num_kv_heads: int) -> torch.Tensor:
-    """``P_k^T S q`` [T, Hq, r_k] (float32) with one batched matmul over KV heads (``S``: the key
-    smoothing, when K has one); the query itself when K has neither basis nor smoothing (the K offset
-    shifts every score of a query equally: softmax drops it)."""
-    if tr.query_is_identity:
-        return query
-    t, hq, d = query.shape
-    g = hq // num_kv_heads
-    q = query.reshape(t, num_kv_heads, g, d).float()
-    if tr.smooth is not None:
-        q = q * tr.smooth[None, :, None, :]
-    if tr.basis is None:
-        return q.reshape(t, hq, d)
-    return torch.einsum("thgd,hdr->thgr", q, tr.basis.float()).reshape(t, hq, -1)

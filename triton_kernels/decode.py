@@ -31,8 +31,8 @@ from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_start, exact_step,
                      interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
-                     project_queries, ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot,
-                     transform_args)
+                     ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot, transform_args)
+from .query import project_queries
 
 
 # --- token rows: the cached tokens as the dots' M dimension ------------------------------------------

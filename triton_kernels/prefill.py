@@ -29,8 +29,9 @@ from vllm_lowrank.formats import SlotLayout, ring_layout
 from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (INT4, LOG2E, attend_tile, check_cache, dot_dtypes, exact_start, exact_step, int8_codes,
-                     interpreted, layout_constexprs, load_query, next_pow2, project_queries, ring_constexprs, ring_tile,
-                     store_output, transform_args)
+                     interpreted, layout_constexprs, load_query, next_pow2, ring_constexprs, ring_tile, store_output,
+                     transform_args)
+from .query import project_queries
 
 
 @triton.jit
