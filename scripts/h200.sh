@@ -20,9 +20,9 @@
 #   bash scripts/h200.sh layered        # layered cache: ring and prefill kernel tests, `vllm serve` checks (3 formats) and
 #                                       # perplexity (40 windows; carry as for ppl), side by side, ~5 min
 #   bash scripts/h200.sh throughput-layered  # the 1B table: auto, fp8, the ceiling auto-ample (bf16 with 16 GiB
-#                                       # of KV cache: the whole batch at once), int4 and three layered caches
-#                                       # (int4 + last 32, int4 + last 8 in int8, the ring-chosen 4x plan),
-#                                       # 7 engines side by side, ~6 min
+#                                       # of KV cache: the whole batch at once), int4 and four layered caches
+#                                       # (int4 + last 32, int4 + last 8 in bf16 and in int8, the ring-chosen 4x
+#                                       # plan), 8 engines side by side, ~7 min
 #   bash scripts/h200.sh profile-layered  # torch.profiler over one 1B batch under memory pressure (1 GiB of KV,
 #                                       # 128 prompts, 1024 in / 256 out): fp8, int4 and the 4x plan's layered cache, one
 #                                       # after another (start-up each), cut at 9 min; profile-layered.log and
@@ -95,8 +95,8 @@ case $step in
     tail -3 "$OUT/gpu_ring_tests.log"; grep -v "^(\|^INFO\|^WARNING" "$OUT/serve_layered.txt" | tail -12
     grep -A 8 "^smollm2" "$OUT/ppl-layered.log" ;;
   throughput-layered)
-    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 7 --out "$OUT" --work /tmp/bs-1b-l \
-      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:int4-w8-int8,lr:ring-4x 2>&1 \
+    python3 -P scripts/bench_serving.py --shape 1b --tokenizer $TOK --parallel 8 --out "$OUT" --work /tmp/bs-1b-l \
+      --variants auto,fp8,auto-ample,lr:int4,lr:int4-w32,lr:int4-w8,lr:int4-w8-int8,lr:ring-4x 2>&1 \
       | grep -v "it/s\]" | tail -12 ;;
   profile-layered)
     # `timeout` leaves the device call time to print what finished (each variant is printed when done)

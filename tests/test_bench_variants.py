@@ -36,13 +36,14 @@ def test_every_serving_variant_parses_for_its_shape(shape, tmp_path):
     model = ModelShape(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"])
     basis = make_basis(shape, tmp_path / "basis.safetensors")
     variants = _bench_serving().plugin_variants(shape, basis)
-    assert {"lr:int4", "lr:int4-w32", "lr:int4-w8-int8", "lr:ring-4x"} <= set(variants)
+    assert {"lr:int4", "lr:int4-w32", "lr:int4-w8", "lr:int4-w8-int8", "lr:ring-4x"} <= set(variants)
     for name, raw in variants.items():
         cfg = parse(raw, model)
         assert cfg.layered == is_layered(raw), name
         ratio = capacity_ratio(cfg, model.num_layers, model.head_dim, torch.bfloat16, BLOCK_SIZE, 1280)
         assert 1.0 < ratio < 9.0, (name, ratio)
-    # the smaller int8 ring holds more tokens than the bf16 ring of 32, less than no ring at all
+    # a smaller ring holds more tokens than the bf16 ring of 32, an int8 one more than a bf16 one, and no ring
+    # the most
     cap = {n: capacity_ratio(parse(variants[n], model), model.num_layers, model.head_dim, torch.bfloat16,
-                             BLOCK_SIZE, 1280) for n in ("lr:int4", "lr:int4-w32", "lr:int4-w8-int8")}
-    assert cap["lr:int4-w32"] < cap["lr:int4-w8-int8"] < cap["lr:int4"]
+                             BLOCK_SIZE, 1280) for n in ("lr:int4", "lr:int4-w32", "lr:int4-w8", "lr:int4-w8-int8")}
+    assert cap["lr:int4-w32"] < cap["lr:int4-w8"] < cap["lr:int4-w8-int8"] < cap["lr:int4"], cap
