@@ -135,9 +135,7 @@ def compile_store(fmt: LayerFormat, head_dim: int, block_size: int, arch: int,
 def compile_query(fmt: LayerFormat, head_dim: int, group: int, arch: int, model_dtype: torch.dtype = torch.bfloat16):
     """The compiled query projection kernel for the key basis of one layer format (with smoothing)."""
     layout = SlotLayout.build(fmt, head_dim, model_dtype)
-    rk = layout.k.latent_dim
-    consts = dict(G=group, D=head_dim, R=rk, R_TILE=max(16, 1 << (rk - 1).bit_length()), BLOCK_M=query.BLOCK_M,
-                  HAS_SMOOTH=True)
+    consts = query.query_constexprs(group, head_dim, layout.k.latent_dim, True)
     return compile_kernel(query._project_query_kernel, consts, {"q_ptr": _types(fmt, model_dtype)[0]}, arch)
 
 
@@ -173,8 +171,8 @@ def opcode(text: str) -> str:
 
 def every_kernel(head_dim: int, group: int, block_size: int, arch: int) -> dict:
     """One compile of each kernel variant that serving launches (store, query projection, decode split and
-    merge, prefill; with and without a layered cache's ring in the model dtype and int8), by name. Decode as it runs: int4
-    with tokens as the dots' rows, the others with the query group as rows."""
+    merge, prefill; with and without a layered cache's ring in the model dtype and int8), by name. Decode as
+    it runs: int4 with tokens as the dots' rows, the others with the query group as rows."""
     f = parse_format
     ring_m, ring_8 = (32, 1, "model"), (64, 1, "int8")
     return {

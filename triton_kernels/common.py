@@ -305,6 +305,12 @@ def tile_scales(cache_ptr, page, w0, mask, OFF: tl.constexpr, TILE_B: tl.constex
 
 
 @triton.jit
+def even_odd(x):
+    """Columns ``0, 2, 4, ..`` and ``1, 3, 5, ..`` of ``x`` [M, 2C]: int4's two nibble tiles."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
 def project_query_rows(q_rows, row_mask, h, basis_ptr, smooth_ptr, C: tl.constexpr, RK: tl.constexpr,
                        D: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     """``P_k^T (s q)`` [M, C] in float32 of the raw query rows ``q_rows`` [M] of KV head ``h`` (``basis_ptr``:
@@ -349,7 +355,7 @@ def load_query(q_rows, row_mask, K_STORAGE: tl.constexpr, RK: tl.constexpr, RK_T
         C: tl.constexpr = 2 * RK_TILE if K_STORAGE == INT4 else RK_TILE
         q = project_query_rows(q_rows, row_mask, h, basis_ptr, smooth_ptr, C, RK, D, HAS_SMOOTH)
         if K_STORAGE == INT4:
-            q_a, q_b = tl.split(tl.reshape(q, (q_rows.shape[0], RK_TILE, 2)))
+            q_a, q_b = even_odd(q)
         else:
             q_a = q
             q_b = q
@@ -737,8 +743,13 @@ def exact_step(q, qc, c_v, k, k_scale, v, v_scale, keep, m_i, l_i, acc_x, qk_sca
     return m_new, l_i, acc_x * alpha[:, None] + pv
 
 
+def transform_ptrs(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(basis, offset, smooth) kernel arguments of a TensorTransform: float32, contiguous, ``like`` for an
+    absent part (its pointer is then never read)."""
+    return tuple(like if t is None else t.float().contiguous() for t in (tr.basis, tr.offset, tr.smooth))
+
+
 def transform_args(tr, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
     """(basis, offset, HAS_BASIS, HAS_OFFSET) kernel arguments of a TensorTransform (float32)."""
-    basis = tr.basis.float().contiguous() if tr.basis is not None else like
-    offset = tr.offset.float().contiguous() if tr.offset is not None else like
+    basis, offset, _ = transform_ptrs(tr, like)
     return basis, offset, tr.basis is not None, tr.offset is not None

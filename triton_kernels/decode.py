@@ -31,7 +31,8 @@ from vllm_lowrank.transforms import LayerTransforms
 
 from .common import (FP8, INT4, LOG2E, MODEL, attend_tile, check_cache, dot, dot_dtypes, exact_start, exact_step,
                      interpreted, layout_constexprs, load_payload, load_query, next_pow2, nibbles_to_dot,
-                     ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot, transform_args)
+                     ring_constexprs, ring_tile, store_output, tile_pages, tile_scales, to_dot, transform_args,
+                     transform_ptrs)
 from .query import project_queries
 
 
@@ -490,9 +491,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 
     if projects_query(has_ring):
         q = query
-        k_basis, _, q_basis, _ = transform_args(transforms.k, part_o)
-        k_smooth = transforms.k.smooth.float().contiguous() if transforms.k.smooth is not None else part_o
-        q_smooth = transforms.k.smooth is not None
+        k_basis, _, k_smooth = transform_ptrs(transforms.k, part_o)
+        q_basis, q_smooth = transforms.k.basis is not None, transforms.k.smooth is not None
     else:
         q = project_queries(query, transforms.k, h)
         q = q if q.stride(-1) == 1 else q.contiguous()

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2, project_query_rows
+from .common import next_pow2, project_query_rows, transform_ptrs
 
 BLOCK_M = 16  # rows a program: the N dimension of the projection's dot
 
@@ -41,6 +41,12 @@ def _project_query_kernel(
     tl.store(out_rows[:, None] + col[None, :], lat, mask=row_mask[:, None] & (col[None, :] < R))
 
 
+def query_constexprs(group: int, head_dim: int, rank: int, has_smooth: bool) -> dict:
+    """The projection kernel's constexprs, for its launch and for ``scripts/kernel_sass.py`` alike."""
+    return dict(G=group, D=head_dim, R=rank, R_TILE=max(16, next_pow2(rank)), BLOCK_M=BLOCK_M,
+                HAS_SMOOTH=has_smooth)
+
+
 def project_queries(query: torch.Tensor, tr, num_kv_heads: int) -> torch.Tensor:
     """``P_k^T S q`` [T, Hq, r_k] (float32) of queries [T, Hq, D] (``S``: the key smoothing, when K has one);
     the query itself when K has neither basis nor smoothing (the K offset shifts every score of a query
@@ -54,13 +60,12 @@ def project_queries(query: torch.Tensor, tr, num_kv_heads: int) -> torch.Tensor:
         return (query.reshape(t, num_kv_heads, g, d).float() * tr.smooth[None, :, None, :]).reshape(t, hq, d)
     if query.stride(-1) != 1:
         query = query.contiguous()
-    basis = tr.basis.float().contiguous()
+    basis, _, smooth = transform_ptrs(tr, query)
     r = basis.shape[-1]
     out = torch.empty(t, hq, r, dtype=torch.float32, device=query.device)
     if t == 0:
         return out
-    smooth = tr.smooth.float().contiguous() if tr.smooth is not None else basis
     _project_query_kernel[(triton.cdiv(t * g, BLOCK_M), num_kv_heads)](
-        query, query.stride(0), query.stride(1), out, basis, smooth, t * g, G=g, D=d, R=r,
-        R_TILE=max(16, next_pow2(r)), BLOCK_M=BLOCK_M, HAS_SMOOTH=tr.smooth is not None, num_warps=4)
+        query, query.stride(0), query.stride(1), out, basis, smooth, t * g,
+        **query_constexprs(g, d, r, tr.smooth is not None), num_warps=4)
     return out

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from vllm_lowrank.formats import SlotLayout
-from vllm_lowrank.transforms import LayerTransforms, TensorTransform
+from vllm_lowrank.transforms import LayerTransforms
 
-from .common import (FP8_MAX, INT4, INT4_MAX, INT8, MODEL, check_cache, column_stride, field_ptr, int8_codes,
-                     layout_constexprs, rint, stored_scale)
+from .common import (FP8_MAX, INT4, INT4_MAX, INT8, MODEL, check_cache, column_stride, even_odd, field_ptr,
+                     int8_codes, layout_constexprs, rint, stored_scale, transform_ptrs)
 
 BLOCK_T = 16  # tokens a program: the M rows of the projection's dot (16 at least)
 # head_dim channels a step of the projection's loop: 16 keeps the rotated int4 store of head_dim 128 at
@@ -70,7 +70,8 @@ def _fp8e4m3_bits(y):
 @triton.jit
 def _centre(x, h, d, d_mask, offset_ptr, smooth_ptr, HAS_OFFSET: tl.constexpr, HAS_SMOOTH: tl.constexpr,
             D: tl.constexpr):
-    """``(x - c) / s`` in float32 for channels ``d`` of KV head ``h`` (IEEE ops, as the host's project)."""
+    """``(x - c) / s`` in float32 for channels ``d`` of KV head ``h`` (IEEE ops, as the host's project);
+    masked channels, loaded as zero, stay zero (offset 0, scale 1 there)."""
     x = x.to(tl.float32)
     if HAS_OFFSET:
         x = x - tl.load(offset_ptr + h * D + d, mask=d_mask, other=0.0)[None, :]
@@ -92,8 +93,7 @@ def _latents(src_rows, row_mask, h, col, col_mask, basis_ptr, offset_ptr, smooth
             d = d0 + tl.arange(0, D_CHUNK)
             d_mask = d < D
             x = tl.load(src_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            x = tl.where(d_mask[None, :], _centre(x, h, d, d_mask, offset_ptr, smooth_ptr, HAS_OFFSET, HAS_SMOOTH,
-                                                  D), 0.0)
+            x = _centre(x, h, d, d_mask, offset_ptr, smooth_ptr, HAS_OFFSET, HAS_SMOOTH, D)
             p = tl.load(basis_ptr + (h * D + d)[:, None] * R + col[None, :],
                         mask=d_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(x, p, acc, input_precision="ieee")
@@ -101,8 +101,7 @@ def _latents(src_rows, row_mask, h, col, col_mask, basis_ptr, offset_ptr, smooth
     else:
         x = tl.load(src_rows[:, None] + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if HAS_OFFSET or HAS_SMOOTH:
-            x = tl.where(col_mask[None, :], _centre(x, h, col, col_mask, offset_ptr, smooth_ptr, HAS_OFFSET,
-                                                    HAS_SMOOTH, D), 0.0)
+            x = _centre(x, h, col, col_mask, offset_ptr, smooth_ptr, HAS_OFFSET, HAS_SMOOTH, D)
         return x
 
 
@@ -124,7 +123,7 @@ def _encode_tensor(src_rows, row_mask, h, basis_ptr, offset_ptr, smooth_ptr, cac
             cc = tl.arange(0, 2 * R_TILE)
             x = _latents(src_rows, row_mask, h, cc, cc < R, basis_ptr, offset_ptr, smooth_ptr, R, D, D_CHUNK,
                          HAS_BASIS, HAS_OFFSET, HAS_SMOOTH)
-            xa, xb = tl.split(tl.reshape(x, (x.shape[0], R_TILE, 2)))
+            xa, xb = even_odd(x)
         else:
             xa = _latents(src_rows, row_mask, h, ev, ev < R, basis_ptr, offset_ptr, smooth_ptr, R, D, D_CHUNK,
                           HAS_BASIS, HAS_OFFSET, HAS_SMOOTH).to(tl.float32)
@@ -248,12 +247,6 @@ def transform_flags(transforms: LayerTransforms) -> dict[str, bool]:
                 V_HAS_BASIS=v.basis is not None, V_HAS_OFFSET=v.offset is not None)
 
 
-def _transform_ptrs(tr: TensorTransform, like: torch.Tensor) -> list[torch.Tensor]:
-    """(basis, offset, smooth) as contiguous float32 on ``like``'s device; ``like`` for an absent part."""
-    return [like if t is None else t.to(device=like.device, dtype=torch.float32).contiguous()
-            for t in (tr.basis, tr.offset, tr.smooth)]
-
-
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
           layout: SlotLayout, transforms: LayerTransforms) -> None:
     """Encode keys/values [N', H, D] and scatter them to ``slot_mapping`` [N] (slots < 0 are padding).
@@ -266,8 +259,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
         return
     _, h, block_size = check_cache(kv_cache, layout)
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
-    k_basis, k_offset, k_smooth = _transform_ptrs(transforms.k, key)
-    v_basis, v_offset, _ = _transform_ptrs(transforms.v, key)
+    k_basis, k_offset, k_smooth = transform_ptrs(transforms.k, key)
+    v_basis, v_offset, _ = transform_ptrs(transforms.v, key)
     c = store_constexprs(layout, block_size, transform_flags(transforms), kv_cache.stride(1))
     _store_kernel[(triton.cdiv(n, BLOCK_T), h)](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
